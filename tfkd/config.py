@@ -1,0 +1,200 @@
+"""The run configuration: typed dataclasses, read from YAML, overridden from the command line.
+
+OmegaConf merges the layers (defaults < ``--config`` YAML < ``--set key=value`` < dedicated
+flags) and type-checks every key against the dataclasses; ``validate`` then checks ranges and
+choices. YAML is read as data only (a safe loader): nothing in a config is ever evaluated.
+
+Each pipeline stage has its own section (``teacher`` now; the student, distillation and export
+stages add theirs), so a stage's options never collide with another's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tfkd.errors import ConfigError
+
+STAGES = ("teacher", "all")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a help text, shown by ``--help``."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = option("digits", "cifar10, cifar100, digits (bundled, offline) or folder:PATH "
+                                    "(PATH/train/<class>/*, PATH/test/<class>/*)")
+    data_dir: Optional[str] = option(None, "folder with the canonical CIFAR python batches "
+                                           "(cifar-10-batches-py or cifar-100-python); unset: "
+                                           "TensorFlow Datasets")
+    image_size: int = option(32, "side in pixels the images are resized to (folder datasets); "
+                                 "the models' input size")
+    validation_fraction: float = option(0.1, "fraction of the training split held out, "
+                                             "stratified and seeded, for validation (0: none)")
+    batch_size: int = option(128, "global batch size, split across replicas")
+    augment: bool = option(True, "reflect-pad 4 + random crop (+ horizontal flip) on training data")
+    hflip: Optional[bool] = option(None, "random horizontal flips; unset: on for every dataset "
+                                         "except digits, whose mirror images are other glyphs")
+    shuffle_buffer: int = option(0, "shuffle buffer in examples; 0: the whole training split")
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = option(0.1, "SGD learning rate at batch size 128; scaled linearly with "
+                                       "the global batch size")
+    momentum: float = option(0.9, "SGD Nesterov momentum")
+    weight_decay: float = option(5e-4, "decoupled weight decay")
+    schedule: str = option("cosine", "learning-rate schedule: cosine or constant")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = option("resnet20", "teacher backbone from the model zoo")
+    epochs: int = option(30, "training epochs")
+    lambda_cls: float = option(1.0, "weight of the classification (cross-entropy) loss; 0 makes "
+                                    "an autoencoder (MKTN Teacher1)")
+    lambda_rec: float = option(1.0, "weight of the reconstruction (MSE) loss; 0 makes a plain "
+                                    "classifier (MKTN Teacher2)")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "teacher optimizer")
+
+
+@dataclass
+class RunConfig:
+    stage: str = option("all", f"what to run: {', '.join(STAGES)} (all: every stage available)")
+    run_dir: str = option("runs/default", "output folder; re-running the same command resumes")
+    seed: int = option(0, "random seed (weights, validation split, shuffling, augmentation)")
+    strategy: str = option("auto", "tf.distribute strategy: auto (multiworker when TF_CONFIG is "
+                                   "set, mirrored on several GPUs, else default), default, "
+                                   "mirrored or multiworker")
+    sync_batchnorm: bool = option(False, "batch statistics over the global batch across replicas")
+    verbose: Optional[int] = option(None, "Keras progress output: 0 silent, 1 bar, 2 one line per "
+                                          "epoch; unset: bar on a terminal, lines otherwise")
+    data: DataConfig = section(DataConfig, "dataset and input pipeline")
+    teacher: TeacherConfig = section(TeacherConfig, "the reconstruction-augmented teacher")
+
+
+def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """Yields (dotted key, default, help) for every leaf option of a config dataclass."""
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.default_factory is not
+                                                 dataclasses.MISSING and dataclasses.is_dataclass(
+                                                     f.default_factory)):
+            yield from _walk(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.default, f.metadata.get("help", "")
+
+
+def describe_options() -> str:
+    """Every config key with its default and meaning, for ``--help``."""
+    lines = []
+    for key, default, help_text in _walk(RunConfig):
+        shown = "null" if default is None else default
+        lines.append(f"  {key} = {shown}\n      {help_text}")
+    return "\n".join(lines)
+
+
+def _config_error(error: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turns an OmegaConf exception into a one-line message naming the key and the source."""
+    key = getattr(error, "full_key", None) or "?"
+    message = str(getattr(error, "msg", None) or error).splitlines()[0]
+    return ConfigError(f"{source}: key '{key}': {message}")
+
+
+def load(config_file: str | None = None, overrides: dict[str, Any] | None = None,
+         dotlist: list[str] | None = None) -> RunConfig:
+    """Builds the run configuration: defaults, then the YAML file, then ``--set`` items, then
+    the dedicated flags in ``overrides`` (dotted key -> value, ``None`` values ignored)."""
+    merged = OmegaConf.structured(RunConfig)
+    layers: list[tuple[str, Any]] = []
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {config_file}: not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {config_file}: not valid YAML "
+                              f"({str(error).splitlines()[0]})") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {config_file}: expected a mapping of options, "
+                              f"got {type(data).__name__}")
+        layers.append((f"config file {config_file}", OmegaConf.create(data or {})))
+    for item in dotlist or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        layers.append((f"--set {item}", OmegaConf.from_dotlist([item])))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in flags.items():
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key, value, force_add=True)
+        layers.append((f"--{key.split('.')[-1].replace('_', '-')}", layer))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise _config_error(error, source) from None
+    try:
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, "config") from None
+    validate(config)
+    return config
+
+
+def _check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"option '{key}' = {value!r}: expected {expected}")
+
+
+def validate(config: RunConfig) -> None:
+    """Checks choices and ranges; raises ``ConfigError`` naming the first bad key."""
+    from tfkd import models  # local import: models pulls in Keras
+
+    _check(config.stage in STAGES, "stage", config.stage, f"one of {', '.join(STAGES)}")
+    _check(config.strategy in STRATEGIES, "strategy", config.strategy,
+           f"one of {', '.join(STRATEGIES)}")
+    data = config.data
+    dataset_ok = data.dataset in ("cifar10", "cifar100", "digits") or (
+        data.dataset.startswith("folder:") and len(data.dataset) > len("folder:"))
+    _check(dataset_ok, "data.dataset", data.dataset, "cifar10, cifar100, digits or folder:PATH")
+    _check(data.image_size >= 8, "data.image_size", data.image_size, "an integer >= 8")
+    _check(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction",
+           data.validation_fraction, "a fraction in [0, 1)")
+    _check(data.batch_size >= 1, "data.batch_size", data.batch_size, "a positive integer")
+    _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "an integer >= 0")
+    teacher = config.teacher
+    _check(teacher.model in models.REGISTRY, "teacher.model", teacher.model,
+           f"a zoo model ({', '.join(models.names())})")
+    _check(teacher.epochs >= 1, "teacher.epochs", teacher.epochs, "a positive integer")
+    _check(teacher.lambda_cls >= 0 and teacher.lambda_rec >= 0 and
+           teacher.lambda_cls + teacher.lambda_rec > 0, "teacher.lambda_cls/lambda_rec",
+           (teacher.lambda_cls, teacher.lambda_rec), "non-negative weights, not both 0")
+    opt = teacher.optimizer
+    _check(opt.learning_rate > 0, "teacher.optimizer.learning_rate", opt.learning_rate, "> 0")
+    _check(0 <= opt.momentum < 1, "teacher.optimizer.momentum", opt.momentum, "in [0, 1)")
+    _check(opt.weight_decay >= 0, "teacher.optimizer.weight_decay", opt.weight_decay, ">= 0")
+    _check(opt.schedule in ("cosine", "constant"), "teacher.optimizer.schedule", opt.schedule,
+           "cosine or constant")
+    _check(config.verbose in (None, 0, 1, 2), "verbose", config.verbose, "0, 1, 2 or null")
+
+
+def to_yaml(config: RunConfig) -> str:
+    """The resolved configuration as YAML, as saved in the run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

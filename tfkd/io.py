@@ -1,0 +1,47 @@
+"""Atomic file writes: every artifact is written to a temporary path beside it, then renamed.
+
+A reader therefore sees either the previous complete file or the new complete one, never a
+half-written file, even if the process is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path in ``path``'s directory; renames it onto ``path`` on success.
+
+    The temporary name keeps the final name as its suffix (``.tmp-<pid>-teacher.keras``) so
+    libraries that check extensions accept it. On error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically writes ``text`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Atomically writes ``data`` as indented JSON."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

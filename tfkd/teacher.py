@@ -1,0 +1,144 @@
+"""The reconstruction-augmented teacher (METHOD.md, phase 1).
+
+One shared encoder (a zoo backbone up to its last stage), the backbone's own classifier head,
+and a decoder that reconstructs the normalized input from the last stage's feature map:
+``L_T = lambda_cls * CE(y, logits) + lambda_rec * MSE(x, x_hat)``. With ``lambda_rec = 0`` it is
+a plain classifier, with ``lambda_cls = 0`` an autoencoder: MKTN's two teachers are this class.
+The decoder serves training only; distillation and export use ``backbone``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfkd import losses
+from tfkd.models.common import batch_norm, conv
+
+
+def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
+                  min_channels: int = 16, name: str = "decoder") -> keras.Model:
+    """Decoder from a (H, W, C) feature map back to an image of ``image_shape``.
+
+    One step per factor of 2 between feature and image size (x2 nearest upsample, 3x3 conv
+    halving the channels down to ``min_channels``, batch norm, ReLU), then a linear 3x3 conv to
+    the image's channels: it predicts the normalized image, which is unbounded.
+    """
+    height, _, channels = feature_shape
+    ratio = image_shape[0] / height
+    steps = round(math.log2(ratio)) if ratio >= 1 else -1
+    if steps < 0 or 2**steps * height != image_shape[0]:
+        raise ValueError(f"cannot decode a {height}-px feature map to a {image_shape[0]}-px image: "
+                         "the ratio must be a power of 2")
+    inputs = keras.Input(shape=tuple(feature_shape), name="features")
+    x = inputs
+    for step in range(steps):
+        channels = max(min_channels, channels // 2)
+        x = keras.layers.UpSampling2D(2, name=f"up{step + 1}")(x)
+        x = conv(keras, channels, 3, name=f"up{step + 1}_conv")(x)
+        x = batch_norm(keras, name=f"up{step + 1}_bn")(x)
+        x = keras.layers.ReLU(name=f"up{step + 1}_relu")(x)
+    outputs = keras.layers.Conv2D(image_shape[-1], 3, padding="same", name="reconstruction")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="tfkd")
+class ReconstructionTeacher(keras.Model):
+    """A classifier trained jointly with image reconstruction.
+
+    Args:
+        backbone: a zoo model returning ``{"logits", "features"}``.
+        decoder: maps the last feature map to the image; built to fit when omitted.
+        lambda_cls: weight of the cross-entropy term.
+        lambda_rec: weight of the reconstruction MSE (on normalized pixels).
+        pixel_mean, pixel_std: the input normalization, per channel, on the [0, 255] scale;
+            used to report reconstruction PSNR in pixel units.
+
+    ``call`` returns ``{"logits", "features", "reconstruction"}``.
+    """
+
+    def __init__(self, backbone: keras.Model, decoder: keras.Model | None = None,
+                 lambda_cls: float = 1.0, lambda_rec: float = 1.0,
+                 pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
+                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0), **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        image_shape = tuple(backbone.input_shape[1:])
+        feature_shape = tuple(backbone.output["features"][-1].shape[1:])
+        self.decoder = decoder or build_decoder(feature_shape, image_shape)
+        self.lambda_cls = float(lambda_cls)
+        self.lambda_rec = float(lambda_rec)
+        self.pixel_mean = [float(v) for v in pixel_mean]
+        self.pixel_std = [float(v) for v in pixel_std]
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.ce_tracker = keras.metrics.Mean(name="ce")
+        self.rec_tracker = keras.metrics.Mean(name="rec")
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.psnr = keras.metrics.Mean(name="psnr")
+
+    @property
+    def metrics(self) -> list[keras.metrics.Metric]:
+        return [self.loss_tracker, self.ce_tracker, self.rec_tracker, self.accuracy, self.psnr]
+
+    def call(self, images: tf.Tensor, training: bool = False) -> dict[str, Any]:
+        out = self.backbone(images, training=training)
+        reconstruction = self.decoder(out["features"][-1], training=training)
+        return {"logits": out["logits"], "features": out["features"],
+                "reconstruction": reconstruction}
+
+    def compute_losses(self, images: tf.Tensor, labels: tf.Tensor,
+                       outputs: dict[str, Any]) -> dict[str, tf.Tensor]:
+        """The unscaled loss terms and their weighted total, as means over the batch."""
+        ce = losses.cross_entropy(labels, outputs["logits"])
+        rec = losses.mean_squared_error(images, outputs["reconstruction"])
+        return {"loss": self.lambda_cls * ce + self.lambda_rec * rec, "ce": ce, "rec": rec}
+
+    def _update_metrics(self, images: tf.Tensor, labels: tf.Tensor, outputs: dict[str, Any],
+                        terms: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        self.loss_tracker.update_state(terms["loss"])
+        self.ce_tracker.update_state(terms["ce"])
+        self.rec_tracker.update_state(terms["rec"])
+        self.accuracy.update_state(labels, outputs["logits"])
+        mean = tf.constant(self.pixel_mean, tf.float32)
+        std = tf.constant(self.pixel_std, tf.float32)
+        self.psnr.update_state(losses.psnr(images * std + mean,
+                                           outputs["reconstruction"] * std + mean))
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        images, labels = data
+        with tf.GradientTape() as tape:
+            outputs = self(images, training=True)
+            terms = self.compute_losses(images, labels, outputs)
+            scaled = losses.scale_for_replicas(terms["loss"])
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        self.optimizer.apply_gradients(
+            (g, v) for g, v in zip(gradients, variables) if g is not None)
+        return self._update_metrics(images, labels, outputs, terms)
+
+    def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        images, labels = data
+        outputs = self(images, training=False)
+        return self._update_metrics(images, labels, outputs,
+                                    self.compute_losses(images, labels, outputs))
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update({
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "decoder": keras.saving.serialize_keras_object(self.decoder),
+            "lambda_cls": self.lambda_cls, "lambda_rec": self.lambda_rec,
+            "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std,
+        })
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ReconstructionTeacher":
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        config["decoder"] = keras.saving.deserialize_keras_object(config["decoder"])
+        return cls(**config)
