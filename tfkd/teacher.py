@@ -20,12 +20,14 @@ from tfkd.models.common import batch_norm, conv
 
 
 def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
-                  min_channels: int = 16, name: str = "decoder") -> keras.Model:
+                  min_channels: int = 16, sync_bn: bool = False,
+                  name: str = "decoder") -> keras.Model:
     """Decoder from a (H, W, C) feature map back to an image of ``image_shape``.
 
     One step per factor of 2 between feature and image size (x2 nearest upsample, 3x3 conv
     halving the channels down to ``min_channels``, batch norm, ReLU), then a linear 3x3 conv to
     the image's channels: it predicts the normalized image, which is unbounded.
+    ``sync_bn`` synchronizes batch statistics across replicas, like the backbone's option.
     """
     height, _, channels = feature_shape
     ratio = image_shape[0] / height
@@ -39,7 +41,7 @@ def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
         channels = max(min_channels, channels // 2)
         x = keras.layers.UpSampling2D(2, name=f"up{step + 1}")(x)
         x = conv(keras, channels, 3, name=f"up{step + 1}_conv")(x)
-        x = batch_norm(keras, name=f"up{step + 1}_bn")(x)
+        x = batch_norm(keras, sync_bn, name=f"up{step + 1}_bn")(x)
         x = keras.layers.ReLU(name=f"up{step + 1}_relu")(x)
     outputs = keras.layers.Conv2D(image_shape[-1], 3, padding="same", name="reconstruction")(x)
     return keras.Model(inputs, outputs, name=name)
@@ -68,7 +70,8 @@ class ReconstructionTeacher(keras.Model):
         self.backbone = backbone
         image_shape = tuple(backbone.input_shape[1:])
         feature_shape = tuple(backbone.output["features"][-1].shape[1:])
-        self.decoder = decoder or build_decoder(feature_shape, image_shape)
+        sync_bn = any(getattr(layer, "synchronized", False) for layer in backbone.layers)
+        self.decoder = decoder or build_decoder(feature_shape, image_shape, sync_bn=sync_bn)
         self.lambda_cls = float(lambda_cls)
         self.lambda_rec = float(lambda_rec)
         self.pixel_mean = [float(v) for v in pixel_mean]

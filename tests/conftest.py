@@ -1,0 +1,40 @@
+"""Shared fixtures. Two logical CPU devices are configured before TensorFlow starts, so the
+distribution tests can compare MirroredStrategy over two replicas with one device."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> Path:
+    """The canonical CIFAR-10 python batches from TFKD_CIFAR10_DIR.
+
+    Skipped when unset; under CI=true a missing folder is a failure, not a skip.
+    """
+    value = os.environ.get("TFKD_CIFAR10_DIR")
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    if not value or not Path(value, "data_batch_1").is_file():
+        message = f"TFKD_CIFAR10_DIR={value!r} does not hold the CIFAR-10 python batches"
+        if in_ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits dataset, prepared once per session."""
+    from tfkd import data
+
+    return data.prepare("digits", validation_fraction=0.1, seed=0)

@@ -1,0 +1,130 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfkd import train
+from tfkd.teacher import ReconstructionTeacher
+
+FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "verbose=0"]
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "tfkd.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "digits"
+    code = train.main(["--run-dir", str(run_dir), "--epochs", "4", *FAST])
+    assert code == 0
+    return run_dir
+
+
+def test_cli_run_on_digits_writes_the_run_directory(digits_run):
+    files = {p.name for p in digits_run.iterdir()}
+    assert {"config.yaml", "dataset.json", "teacher.keras", "metrics.json", "reconstructions.png",
+            "teacher_log.csv", "tensorboard"} <= files
+    assert not [p for p in digits_run.rglob(".tmp-*")], "no temporary file is left behind"
+    assert not (digits_run / "backup").exists(), "the backup goes once training ends"
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    for key in ("val_accuracy", "test_accuracy", "test_psnr", "epochs", "wall_seconds"):
+        assert metrics[key] is not None, key
+    assert metrics["epochs"] == 4 and metrics["stages"]["teacher"]["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    with open(digits_run / "teacher_log.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1, 2, 3]
+    assert list((digits_run / "tensorboard" / "teacher").rglob("events.out.tfevents.*"))
+    width, height = Image.open(digits_run / "reconstructions.png").size
+    assert width > 400 and height > 100
+
+
+def test_saved_teacher_reproduces_reported_test_accuracy(digits_run):
+    from tfkd import data
+
+    teacher = keras.saving.load_model(digits_run / "teacher.keras", safe_mode=True)
+    assert isinstance(teacher, ReconstructionTeacher)
+    info = json.loads((digits_run / "dataset.json").read_text())
+    prepared = data.prepare("digits")
+    np.testing.assert_allclose(prepared.mean, info["mean"], rtol=1e-6)
+    logits = teacher.backbone(prepared.normalize(prepared.test_images), training=False)["logits"]
+    accuracy = float(np.mean(np.argmax(logits, 1) == prepared.test_labels))
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+def test_rerun_skips_a_finished_stage(digits_run, capsys):
+    before = (digits_run / "teacher.keras").stat().st_mtime_ns
+    assert train.main(["--run-dir", str(digits_run), "--epochs", "4", *FAST]) == 0
+    assert "skipping the teacher stage" in capsys.readouterr().out
+    assert (digits_run / "teacher.keras").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("args,code,match", [
+    (["--set", "teacher.epoch=3"], 2, "key 'teacher.epoch'"),
+    (["--epochs", "-1"], 2, "option 'teacher.epochs' = -1"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], 3, "/nonexistent/cifar: data directory not found"),
+    (["--dataset", "folder:/nonexistent/images"], 3, "/nonexistent/images: image folder not found"),
+    (["--config", "/nonexistent/c.yaml"], 2, "/nonexistent/c.yaml: not found"),
+    (["--teacher-model", "resnet21"], 2, "option 'teacher.model' = 'resnet21'"),
+])
+def test_errors_are_one_line_with_exit_code_and_leave_nothing(tmp_path, capsys, args, code, match):
+    run_dir = tmp_path / "run"
+    assert train.main(["--run-dir", str(run_dir), *args]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tfkd: error: ") and match in err and "\n" not in err
+    assert not run_dir.exists()
+
+
+def test_error_exit_from_a_real_process_has_no_traceback(tmp_path):
+    result = run_cli("--run-dir", str(tmp_path / "r"), "--set", "data.batch_size=zero")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("tfkd: error: --set data.batch_size=zero")
+
+
+def test_help_explains_every_option():
+    result = run_cli("--help", timeout=120)
+    assert result.returncode == 0
+    for text in ("--config", "--stage", "--dataset", "--data-dir", "--teacher-model", "--epochs",
+                 "--batch-size", "--run-dir", "--strategy", "--seed", "teacher.lambda_rec",
+                 "data.validation_fraction", "Exit codes"):
+        assert text in result.stdout, text
+
+
+def test_killed_run_resumes_from_its_backup(tmp_path):
+    """SIGKILL mid-training, re-run the same command: it continues from the last backup."""
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--epochs", "6", *FAST]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "tfkd.train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = run_dir / "backup" / "teacher" / "training_metadata.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metadata.is_file() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "teacher.keras").exists()
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 6 and 1 <= metrics["epochs_run_here"] <= 4
+    with open(run_dir / "teacher_log.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs[-1] == 5 and len(epochs) < 6 + 2  # resumed, not restarted from epoch 0
+    assert keras.saving.load_model(run_dir / "teacher.keras") is not None

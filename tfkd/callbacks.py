@@ -1,0 +1,86 @@
+"""Keras callbacks for cross-cutting work: pictures at the end of training, throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from tfkd import io
+
+
+class ReconstructionPlot(keras.callbacks.Callback):
+    """At the end of training, saves test images over their reconstructions as a PNG.
+
+    ``images`` are uint8 pixels; ``normalize`` maps them to the model's input and
+    ``mean``/``std`` map the reconstruction back to pixels.
+    """
+
+    def __init__(self, images: np.ndarray, mean: np.ndarray, std: np.ndarray,
+                 path: str | Path) -> None:
+        super().__init__()
+        self.images, self.mean, self.std, self.path = images, mean, std, Path(path)
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        normalized = (self.images.astype(np.float32) - self.mean) / self.std
+        reconstruction = self.model(normalized, training=False)["reconstruction"]
+        pixels = np.clip(np.asarray(reconstruction) * self.std + self.mean, 0, 255).astype(np.uint8)
+        save_image_grid([self.images, pixels], ["input", "reconstruction"], self.path)
+
+
+def save_image_grid(rows: list[np.ndarray], labels: list[str], path: str | Path) -> None:
+    """Saves rows of uint8 images (one row per array) as a PNG, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = len(rows[0])
+    fig, axes = plt.subplots(len(rows), count, figsize=(1.2 * count, 1.3 * len(rows)), squeeze=False)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        for c in range(count):
+            axes[r, c].imshow(row[c])
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+class ThroughputMeter(keras.callbacks.Callback):
+    """Measures training images per second, excluding validation and the first epoch
+    (which includes graph tracing) whenever there is more than one epoch."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seconds: list[float] = []
+        self.batches: list[int] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._start, self._count, self._stop = time.perf_counter(), 0, None
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._count += 1
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._stop is None:
+            self._stop = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.seconds.append((self._stop or time.perf_counter()) - self._start)
+        self.batches.append(self._count)
+
+    @property
+    def images_per_second(self) -> float | None:
+        """Steady-state training throughput over the measured epochs."""
+        if not self.seconds:
+            return None
+        seconds, batches = (self.seconds[1:], self.batches[1:]) if len(self.seconds) > 1 else (
+            self.seconds, self.batches)
+        return sum(batches) * self.batch_size / max(sum(seconds), 1e-9)
