@@ -59,7 +59,9 @@ class ReconstructionTeacher(keras.Model):
         pixel_mean, pixel_std: the input normalization, per channel, on the [0, 255] scale;
             used to report reconstruction PSNR in pixel units.
 
-    ``call`` returns ``{"logits", "features", "reconstruction"}``.
+    ``call`` returns ``{"logits", "features", "reconstruction"}``. When ``lambda_rec`` is 0 the
+    decoder is skipped in training (``reconstruction`` is None there): a plain classifier does
+    not pay for a decoder it does not train.
     """
 
     def __init__(self, backbone: keras.Model, decoder: keras.Model | None = None,
@@ -88,7 +90,9 @@ class ReconstructionTeacher(keras.Model):
 
     def call(self, images: tf.Tensor, training: bool = False) -> dict[str, Any]:
         out = self.backbone(images, training=training)
-        reconstruction = self.decoder(out["features"][-1], training=training)
+        reconstruction = None
+        if not (training and self.lambda_rec == 0):
+            reconstruction = self.decoder(out["features"][-1], training=training)
         return {"logits": out["logits"], "features": out["features"],
                 "reconstruction": reconstruction}
 
@@ -96,7 +100,8 @@ class ReconstructionTeacher(keras.Model):
                        outputs: dict[str, Any]) -> dict[str, tf.Tensor]:
         """The unscaled loss terms and their weighted total, as means over the batch."""
         ce = losses.cross_entropy(labels, outputs["logits"])
-        rec = losses.mean_squared_error(images, outputs["reconstruction"])
+        rec = (losses.mean_squared_error(images, outputs["reconstruction"])
+               if outputs["reconstruction"] is not None else tf.constant(0.0))
         return {"loss": self.lambda_cls * ce + self.lambda_rec * rec, "ce": ce, "rec": rec}
 
     def _update_metrics(self, images: tf.Tensor, labels: tf.Tensor, outputs: dict[str, Any],
@@ -105,6 +110,8 @@ class ReconstructionTeacher(keras.Model):
         self.ce_tracker.update_state(terms["ce"])
         self.rec_tracker.update_state(terms["rec"])
         self.accuracy.update_state(labels, outputs["logits"])
+        if outputs["reconstruction"] is None:
+            return {m.name: m.result() for m in self.metrics if m is not self.psnr}
         mean = tf.constant(self.pixel_mean, tf.float32)
         std = tf.constant(self.pixel_std, tf.float32)
         self.psnr.update_state(losses.psnr(images * std + mean,
