@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tfkd.errors import ConfigError
 
-STAGES = ("teacher", "all")
+STAGES = ("teacher", "distill", "all")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
@@ -76,8 +76,41 @@ class TeacherConfig:
 
 
 @dataclass
+class StudentConfig:
+    model: str = option("resnet8", "student backbone from the model zoo")
+    epochs: int = option(30, "training epochs")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
+
+
+@dataclass
+class DiscriminatorConfig:
+    learning_rate: float = option(2e-4, "discriminator Adam learning rate")
+    beta_1: float = option(0.5, "discriminator Adam beta_1")
+
+
+@dataclass
+class DistillConfig:
+    method: str = option("cft", "student, kd, fitnet, at, cft or mktn (see README, Methods)")
+    teachers: List[str] = option([], "trained teacher files (.keras or run folders); mktn takes "
+                                     "two: the reconstruction teacher, then the classifier. Empty: "
+                                     "the teachers of this run directory")
+    stages: str = option("last", "stages for the feature and adversarial terms: last, all, or "
+                                 "stage numbers from 1 like 2,3")
+    alpha: float = option(1.0, "cft/mktn feature-loss weight")
+    beta: float = option(0.1, "cft/mktn adversarial-loss weight")
+    gamma: float = option(0.0, "cft/mktn extra KD-on-logits weight")
+    temperature: float = option(4.0, "KD temperature tau")
+    kd_alpha: float = option(0.9, "kd: weight a of the KD term; CE gets 1 - a")
+    hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
+    at_weight: float = option(1000.0, "at: attention-transfer weight")
+    gan_loss: str = option("lsgan", "adversarial loss: lsgan or bce (non-saturating)")
+    discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator optimizer")
+
+
+@dataclass
 class RunConfig:
-    stage: str = option("all", f"what to run: {', '.join(STAGES)} (all: every stage available)")
+    stage: str = option("all", "what to run: teacher (the teacher(s) the method needs), distill "
+                               "(the student), or all (every stage in turn)")
     run_dir: str = option("runs/default", "output folder; re-running the same command resumes")
     seed: int = option(0, "random seed (weights, validation split, shuffling, augmentation)")
     strategy: str = option("auto", "tf.distribute strategy: auto (multiworker when TF_CONFIG is "
@@ -88,6 +121,8 @@ class RunConfig:
                                           "epoch; unset: bar on a terminal, lines otherwise")
     data: DataConfig = section(DataConfig, "dataset and input pipeline")
     teacher: TeacherConfig = section(TeacherConfig, "the reconstruction-augmented teacher")
+    student: StudentConfig = section(StudentConfig, "the student")
+    distill: DistillConfig = section(DistillConfig, "knowledge transfer to the student")
 
 
 def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
@@ -165,7 +200,8 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
 
 def validate(config: RunConfig) -> None:
     """Checks choices and ranges; raises ``ConfigError`` naming the first bad key."""
-    from tfkd import models  # local import: models pulls in Keras
+    from tfkd import models  # local imports: these pull in Keras
+    from tfkd.distill.methods import METHODS, teachers_needed
 
     _check(config.stage in STAGES, "stage", config.stage, f"one of {', '.join(STAGES)}")
     _check(config.strategy in STRATEGIES, "strategy", config.strategy,
@@ -186,12 +222,28 @@ def validate(config: RunConfig) -> None:
     _check(teacher.lambda_cls >= 0 and teacher.lambda_rec >= 0 and
            teacher.lambda_cls + teacher.lambda_rec > 0, "teacher.lambda_cls/lambda_rec",
            (teacher.lambda_cls, teacher.lambda_rec), "non-negative weights, not both 0")
-    opt = teacher.optimizer
-    _check(opt.learning_rate > 0, "teacher.optimizer.learning_rate", opt.learning_rate, "> 0")
-    _check(0 <= opt.momentum < 1, "teacher.optimizer.momentum", opt.momentum, "in [0, 1)")
-    _check(opt.weight_decay >= 0, "teacher.optimizer.weight_decay", opt.weight_decay, ">= 0")
-    _check(opt.schedule in ("cosine", "constant"), "teacher.optimizer.schedule", opt.schedule,
-           "cosine or constant")
+    student = config.student
+    _check(student.model in models.REGISTRY, "student.model", student.model,
+           f"a zoo model ({', '.join(models.names())})")
+    _check(student.epochs >= 1, "student.epochs", student.epochs, "a positive integer")
+    for name, opt in (("teacher", teacher.optimizer), ("student", student.optimizer)):
+        _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
+        _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")
+        _check(opt.weight_decay >= 0, f"{name}.optimizer.weight_decay", opt.weight_decay, ">= 0")
+        _check(opt.schedule in ("cosine", "constant"), f"{name}.optimizer.schedule", opt.schedule,
+               "cosine or constant")
+    distill = config.distill
+    _check(distill.method in METHODS, "distill.method", distill.method, f"one of {', '.join(METHODS)}")
+    wanted = teachers_needed(distill.method)
+    _check(len(distill.teachers) in (0, wanted), "distill.teachers", distill.teachers,
+           f"{wanted} teacher file(s) for method {distill.method}, or none")
+    _check(distill.gan_loss in ("lsgan", "bce"), "distill.gan_loss", distill.gan_loss, "lsgan or bce")
+    _check(distill.temperature > 0, "distill.temperature", distill.temperature, "> 0")
+    _check(0 <= distill.kd_alpha <= 1, "distill.kd_alpha", distill.kd_alpha, "in [0, 1]")
+    for key in ("alpha", "beta", "gamma", "hint_weight", "at_weight"):
+        _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
+    _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",
+           distill.discriminator.learning_rate, "> 0")
     _check(config.verbose in (None, 0, 1, 2), "verbose", config.verbose, "0, 1, 2 or null")
 
 

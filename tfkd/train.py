@@ -1,12 +1,18 @@
 """``python -m tfkd.train``: parse the configuration, build, fit, write the run directory.
 
+Stages run in order: ``teacher`` trains the teacher(s) the method needs (one
+reconstruction-augmented teacher; for ``mktn`` Teacher1, an autoencoder, and Teacher2, a plain
+classifier), ``distill`` trains the student with the method's loss terms; ``all`` runs both.
+
 Run directory layout (every file written atomically):
 
-- ``config.yaml``: the resolved configuration of the last invocation
-- ``dataset.json``: class names, split sizes and the normalization constants
-- ``teacher.keras``: the trained reconstruction-augmented teacher (safe-mode loadable)
-- ``backup/teacher/``: ``BackupAndRestore`` state while training; a killed run resumes from it
-- ``teacher_log.csv``: one line per epoch; ``tensorboard/teacher/``: TensorBoard logs
+- ``config.yaml``, ``dataset.json``: the resolved configuration; class names, split sizes and
+  the normalization constants
+- ``teacher.keras`` (``teacher1.keras`` + ``teacher2.keras`` for mktn): trained teachers
+- ``student.keras``: the distilled student alone (no adapters, no discriminators)
+- ``backup/<stage>/``: ``BackupAndRestore`` state while a stage trains (everything needed to
+  resume: weights, adapters, discriminators, both optimizers' state); a killed run resumes
+- ``<stage>_log.csv`` and ``tensorboard/<stage>/``: per-epoch metrics
 - ``reconstructions.png``: test images over the teacher's reconstructions
 - ``metrics.json``: the last stage's headline metrics at top level, every stage's under ``stages``
 
@@ -32,7 +38,12 @@ from tfkd.errors import TfkdError
 
 #: Dedicated flags: flag -> (config key, help). Everything else goes through --set.
 FLAGS = {
-    "--stage": ("stage", "what to run: teacher, or all (every stage available)"),
+    "--stage": ("stage", "what to run: teacher, distill, or all (default)"),
+    "--method": ("distill.method", "student, kd, fitnet, at, cft (default) or mktn"),
+    "--teacher": ("distill.teachers", "a trained teacher (.keras file or run folder); give it "
+                                      "twice for mktn: the reconstruction teacher, then the "
+                                      "classifier"),
+    "--student-model": ("student.model", "student backbone from the model zoo"),
     "--dataset": ("data.dataset", "cifar10, cifar100, digits (offline default) or folder:PATH"),
     "--data-dir": ("data.data_dir", "folder holding the canonical CIFAR python batches; without "
                                     "it CIFAR comes from TensorFlow Datasets"),
@@ -43,16 +54,16 @@ FLAGS = {
     "--strategy": ("strategy", "tf.distribute strategy: auto, default, mirrored, multiworker"),
     "--seed": ("seed", "random seed"),
 }
-TRAINING_SECTIONS = ("teacher",)
+TRAINING_SECTIONS = ("teacher", "student")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface; ``--help`` lists every config key too."""
     parser = argparse.ArgumentParser(
         prog="python -m tfkd.train",
-        description="Train a reconstruction-augmented teacher (and, as the pipeline grows, "
-                    "distill a student and export it). With no arguments: the whole pipeline "
-                    "on the bundled digits dataset.",
+        description="Train a reconstruction-augmented teacher, then distill a student from it "
+                    "with the chosen method. With no arguments: the whole pipeline (cft) on the "
+                    "bundled digits dataset.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every option below can be set in the --config YAML file (nested sections) or "
                "with --set KEY=VALUE;\nthe dedicated flags above win over both.\n\n"
@@ -68,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = config_lib.STAGES
         if flag == "--strategy":
             kwargs["choices"] = config_lib.STRATEGIES
+        if flag == "--teacher":
+            kwargs["action"] = "append"
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any option, e.g. --set teacher.lambda_rec=0 (repeatable)")
@@ -108,60 +121,170 @@ def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, total_steps
     return lr
 
 
-def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
-                  chief: bool) -> dict[str, Any]:
-    """Trains the reconstruction-augmented teacher; returns its metrics."""
+def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, total_steps: int) -> Any:
     import keras
 
+    return keras.optimizers.SGD(_learning_rate(opt, batch_size, total_steps), momentum=opt.momentum,
+                                nesterov=True, weight_decay=opt.weight_decay or None)
+
+
+def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
+         extra_callbacks: list[Any]) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
+    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter)."""
+    import keras
+
+    from tfkd import callbacks
+
+    batch = cfg.data.batch_size
+    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer)
+    val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
+    meter = callbacks.ThroughputMeter(batch)
+    cbs = [
+        keras.callbacks.BackupAndRestore(str(out_dir / "backup" / stage), double_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
+        meter, *extra_callbacks,
+    ]
+    verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
+                        verbose=verbose, shuffle=False).history  # the dataset shuffles itself
+    _remove_if_empty(out_dir / "backup")
+    _check_finite(history, stage)
+    test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True)
+    val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+    return history, val, test, meter
+
+
+def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path, chief: bool,
+                  name: str = "teacher", lambda_cls: float | None = None,
+                  lambda_rec: float | None = None) -> dict[str, Any]:
+    """Trains a reconstruction-augmented teacher saved as ``<name>.keras``; returns its metrics.
+
+    ``lambda_cls``/``lambda_rec`` default to the config's (MKTN's teachers override them).
+    """
     from tfkd import callbacks, io, models
     from tfkd.teacher import ReconstructionTeacher
 
     tcfg, batch = cfg.teacher, cfg.data.batch_size
-    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer)
-    val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
-    steps = len(data.train_labels) // batch
+    lambda_cls = tcfg.lambda_cls if lambda_cls is None else lambda_cls
+    lambda_rec = tcfg.lambda_rec if lambda_rec is None else lambda_rec
+    start = time.perf_counter()
     with strategy.scope():
         backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
-        teacher = ReconstructionTeacher(backbone, lambda_cls=tcfg.lambda_cls,
-                                        lambda_rec=tcfg.lambda_rec, pixel_mean=data.mean.tolist(),
-                                        pixel_std=data.std.tolist(), name="teacher")
-        opt = tcfg.optimizer
-        optimizer = keras.optimizers.SGD(_learning_rate(opt, batch, steps * tcfg.epochs),
-                                         momentum=opt.momentum, nesterov=True,
-                                         weight_decay=opt.weight_decay or None)
+        teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
+                                        pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
+                                        name=name)
+        optimizer = _sgd(tcfg.optimizer, batch, len(data.train_labels) // batch * tcfg.epochs)
         teacher.compile(optimizer=optimizer)
         teacher(data.normalize(data.train_images[:2]))  # build, so a backup can be restored
         optimizer.build(teacher.trainable_variables)
-    meter = callbacks.ThroughputMeter(batch)
     sample = data.test_images[np.linspace(0, len(data.test_images) - 1, 10).astype(int)]
-    cbs = [
-        keras.callbacks.BackupAndRestore(str(out_dir / "backup" / "teacher"), double_checkpoint=True),
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.CSVLogger(str(out_dir / "teacher_log.csv"), append=True),
-        keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / "teacher"), profile_batch=0),
-        meter,
-        callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png"),
-    ]
-    verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
-    start = time.perf_counter()
-    history = teacher.fit(train_ds, validation_data=val_ds, epochs=tcfg.epochs, callbacks=cbs,
-                          verbose=verbose, shuffle=False)  # the dataset shuffles itself
-    fit_seconds = time.perf_counter() - start
-    _remove_if_empty(out_dir / "backup")
-    _check_finite(history.history, "teacher")
-    test = teacher.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True)
-    val = teacher.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+    plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
+        if lambda_rec > 0 else []
+    history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
     if chief:
-        with io.atomic_path(out_dir / "teacher.keras") as tmp:
+        with io.atomic_path(out_dir / f"{name}.keras") as tmp:
             teacher.save(tmp)
     return {
-        "model": tcfg.model, "lambda_cls": tcfg.lambda_cls, "lambda_rec": tcfg.lambda_rec,
-        "epochs": tcfg.epochs, "epochs_run_here": len(history.history.get("loss", [])),
+        "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
+        "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "val_psnr": val.get("psnr"),
         "test_accuracy": test["accuracy"], "test_psnr": test["psnr"], "test_loss": test["loss"],
         "params": int(backbone.count_params()),
         "train_images_per_second": meter.images_per_second,
-        "wall_seconds": fit_seconds,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def teacher_plan(cfg: config_lib.RunConfig) -> list[tuple[str, float | None, float | None]]:
+    """The teachers the method needs: (file stem, lambda_cls, lambda_rec); None = the config's."""
+    from tfkd.distill import teachers_needed
+
+    count = teachers_needed(cfg.distill.method)
+    if count == 2:  # MKTN: Teacher1 reconstructs (autoencoder), Teacher2 classifies
+        return [("teacher1", 0.0, 1.0), ("teacher2", 1.0, 0.0)]
+    return [("teacher", None, None)]
+
+
+def load_teacher(path: str | Path, data: Any) -> Any:
+    """Loads a trained teacher (a ``.keras`` file, or a run folder holding ``teacher.keras``)
+    in Keras's safe mode and returns its frozen backbone; fails fast on any mismatch."""
+    import keras
+
+    from tfkd.errors import ModelError
+    from tfkd.teacher import ReconstructionTeacher
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "teacher.keras"
+    if not path.is_file():
+        raise ModelError(f"{path}: teacher file not found")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:
+        raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+    backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
+    output = getattr(backbone, "output", None)
+    if not isinstance(output, dict) or "logits" not in output or "features" not in output:
+        raise ModelError(f"{path}: not a tfkd teacher (expected a model with logits and stage "
+                         "features, as tfkd.train writes)")
+    classes = int(output["logits"].shape[-1])
+    if classes != data.num_classes:
+        raise ModelError(f"{path}: the teacher has {classes} classes, dataset {data.name} has "
+                         f"{data.num_classes}")
+    if tuple(backbone.input_shape[1:]) != data.image_shape:
+        raise ModelError(f"{path}: the teacher takes {tuple(backbone.input_shape[1:])} inputs, "
+                         f"the data is {data.image_shape}")
+    if isinstance(model, ReconstructionTeacher):
+        gap = np.abs(np.array(model.pixel_mean) - data.mean).max()
+        if gap > 0.05 * float(data.std.mean()):
+            raise ModelError(f"{path}: the teacher was trained with pixel mean "
+                             f"{np.round(model.pixel_mean, 1).tolist()}, this data has "
+                             f"{np.round(data.mean, 1).tolist()}: a teacher of another dataset?")
+    backbone.trainable = False
+    return backbone
+
+
+def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path, chief: bool,
+                  teacher_paths: Sequence[str | Path]) -> dict[str, Any]:
+    """Distills the student with the configured method; saves ``student.keras``; returns metrics."""
+    import keras
+
+    from tfkd import io, models
+    from tfkd.distill import Distiller, loss_weights
+
+    dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
+    start = time.perf_counter()
+    with strategy.scope():
+        teachers = [load_teacher(p, data) for p in teacher_paths]
+        student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+        weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
+                               dcfg.hint_weight, dcfg.at_weight)
+        teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
+        adversarial = teachers[0] if len(teachers) == 2 else None
+        distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
+                              temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
+                              sync_bn=cfg.sync_batchnorm, name="distiller")
+        optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch * scfg.epochs)
+        d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
+                                            beta_1=dcfg.discriminator.beta_1)
+        distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
+        distiller.build_all(data.normalize(data.train_images[:2]))
+    history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
+    if chief:
+        with io.atomic_path(out_dir / "student.keras") as tmp:
+            student.save(tmp)
+    last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
+    return {
+        "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
+        "terms": {t: getattr(weights, t) for t in weights.active()}, "stages": dcfg.stages,
+        "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
+        "val_accuracy": val.get("accuracy"), "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"], "params": int(student.count_params()),
+        "train_images_per_second": meter.images_per_second, **last,
+        "wall_seconds": time.perf_counter() - start,
     }
 
 
@@ -181,6 +304,19 @@ def _check_finite(history: dict[str, list[float]], stage: str) -> None:
                             "lower the learning rate (the last good backup is kept)")
 
 
+def _stage_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()).get("stages", {}).get(stage, {}) if path.is_file() else {}
+
+
+def _skip(artifact: Path, stage: str) -> bool:
+    if artifact.is_file():
+        print(f"tfkd: {artifact} exists: skipping the {stage} stage (remove it, or choose "
+              "another --run-dir, to train again)")
+        return True
+    return False
+
+
 def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     """Runs the configured stage(s); returns the metrics of the last stage run."""
     from tfkd.strategy import is_chief, make_strategy
@@ -190,6 +326,7 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
 
     from tfkd import data as data_lib
     from tfkd import io
+    from tfkd.distill import teachers_needed
 
     keras.utils.set_random_seed(cfg.seed)
     chief = is_chief(strategy)
@@ -201,17 +338,26 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     if chief:
         io.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
         io.write_json(run_dir / "dataset.json", data.info())
+    plan = teacher_plan(cfg)
+    needed = teachers_needed(cfg.distill.method)
     metrics: dict[str, Any] = {}
-    if cfg.stage in ("teacher", "all"):
-        if (run_dir / "teacher.keras").is_file():
-            print(f"tfkd: {run_dir / 'teacher.keras'} exists: skipping the teacher stage "
-                  "(remove it, or choose another --run-dir, to train again)")
-            metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["teacher"] \
-                if (run_dir / "metrics.json").is_file() else {}
-        else:
-            metrics = train_teacher(cfg, data, strategy, out_dir, chief)
+    train_teachers = cfg.stage == "teacher" or (cfg.stage == "all" and needed and not cfg.distill.teachers)
+    if train_teachers:
+        for name, lambda_cls, lambda_rec in plan:
+            if _skip(run_dir / f"{name}.keras", name):
+                metrics = _stage_metrics(run_dir, name)
+                continue
+            metrics = train_teacher(cfg, data, strategy, out_dir, chief, name, lambda_cls, lambda_rec)
             if chief:
-                _update_metrics(run_dir, "teacher", metrics)
+                _update_metrics(run_dir, name, metrics)
+    if cfg.stage in ("distill", "all"):
+        teacher_paths = list(cfg.distill.teachers) or (
+            [run_dir / f"{name}.keras" for name, _, _ in plan] if needed else [])
+        if _skip(run_dir / "student.keras", "distill"):
+            return _stage_metrics(run_dir, "distill")
+        metrics = train_student(cfg, data, strategy, out_dir, chief, teacher_paths)
+        if chief:
+            _update_metrics(run_dir, "distill", metrics)
     return metrics
 
 

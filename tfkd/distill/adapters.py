@@ -1,0 +1,41 @@
+"""The ConvBlock adapter: maps a student feature map onto a teacher's (METHOD.md).
+
+1x1 convolution without bias + batch norm, from student channels to teacher channels; the
+spatial size is resized (bilinear) when the two differ. Adapters train with the student and are
+dropped at export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfkd.models.common import batch_norm
+
+
+@keras.saving.register_keras_serializable(package="tfkd")
+class ConvBlock(keras.layers.Layer):
+    """Adapter from a student feature map to a (H, W, C) teacher feature map."""
+
+    def __init__(self, target_shape: Sequence[int], sync_bn: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target_shape = [int(v) for v in target_shape]
+        self.sync_bn = bool(sync_bn)
+        self.conv = keras.layers.Conv2D(self.target_shape[-1], 1, use_bias=False,
+                                        kernel_initializer="he_normal", name="conv")
+        self.bn = batch_norm(keras, self.sync_bn, name="bn")
+
+    def build(self, input_shape: Sequence[int]) -> None:
+        self.conv.build(input_shape)
+        self.bn.build((*input_shape[:-1], self.target_shape[-1]))
+
+    def call(self, features: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.bn(self.conv(features), training=training)
+        if tuple(x.shape[1:3]) != tuple(self.target_shape[:2]):
+            x = tf.image.resize(x, self.target_shape[:2], method="bilinear")
+        return x
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "target_shape": self.target_shape, "sync_bn": self.sync_bn}

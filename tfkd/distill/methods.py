@@ -1,0 +1,57 @@
+"""Methods as data: each is a set of weighted loss terms on the one Distiller ``train_step``.
+
+| method  | student loss                                                          |
+| ------- | --------------------------------------------------------------------- |
+| student | CE                                                                    |
+| kd      | (1 - a) CE + a * KD(tau)                                              |
+| fitnet  | CE + w_hint * MSE(ConvBlock(student middle stage), teacher middle stage) |
+| at      | CE + w_at * sum over stages of attention-transfer distances           |
+| cft     | CE + alpha * feature + beta * adversarial [+ gamma * KD]             |
+| mktn    | as cft, feature term from Teacher2 (classifier), adversarial from Teacher1 (reconstruction) |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("student", "kd", "fitnet", "at", "cft", "mktn")
+#: Loss terms the Distiller knows, in logging order.
+TERMS = ("ce", "kd", "feat", "adv", "hint", "at")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The weight of every term; a term with weight 0 is not computed at all."""
+
+    ce: float = 1.0
+    kd: float = 0.0
+    feat: float = 0.0
+    adv: float = 0.0
+    hint: float = 0.0
+    at: float = 0.0
+
+    def active(self) -> list[str]:
+        """The terms with a non-zero weight, in ``TERMS`` order."""
+        return [t for t in TERMS if getattr(self, t) != 0]
+
+
+def loss_weights(method: str, alpha: float = 1.0, beta: float = 0.1, gamma: float = 0.0,
+                 kd_alpha: float = 0.9, hint_weight: float = 100.0,
+                 at_weight: float = 1000.0) -> LossWeights:
+    """The loss terms of ``method`` with the given hyper-parameters (METHOD.md defaults)."""
+    if method == "student":
+        return LossWeights()
+    if method == "kd":
+        return LossWeights(ce=1.0 - kd_alpha, kd=kd_alpha)
+    if method == "fitnet":
+        return LossWeights(hint=hint_weight)
+    if method == "at":
+        return LossWeights(at=at_weight)
+    if method in ("cft", "mktn"):
+        return LossWeights(kd=gamma, feat=alpha, adv=beta)
+    raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+def teachers_needed(method: str) -> int:
+    """How many teachers ``method`` takes: 0 (student alone), 1, or 2 (mktn)."""
+    return {"student": 0, "mktn": 2}.get(method, 1)
