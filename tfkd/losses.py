@@ -47,8 +47,10 @@ def kd(teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float)
 
     Not ``keras.distillation.LogitsDistillation``: it wraps a ``keras.losses.KLDivergence``
     object, which divides by the replica count inside a replica context, while every other term
-    here is unscaled; mixing the two would silently down-weight KD under MirroredStrategy. The
-    tests check this function equals LogitsDistillation on one device.
+    here is unscaled; mixing the two would silently down-weight KD under MirroredStrategy. (Its
+    default ``loss="kl_divergence"`` also resolves to the bare function, which it applies to raw
+    logits without a softmax.) The tests check this function equals LogitsDistillation with a
+    ``KLDivergence()`` instance on one device.
     """
     t = ops.log_softmax(teacher_logits / temperature, axis=-1)
     s = ops.log_softmax(student_logits / temperature, axis=-1)

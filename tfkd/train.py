@@ -271,7 +271,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
                                             beta_1=dcfg.discriminator.beta_1)
         distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
-        distiller.build_all(data.normalize(data.train_images[:2]))
+        distiller.build_all()
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
     if chief:
         with io.atomic_path(out_dir / "student.keras") as tmp:

@@ -170,15 +170,27 @@ class Distiller(keras.Model):
             raise ValueError("the adversarial term needs a discriminator_optimizer")
         self.d_optimizer = keras.optimizers.get(discriminator_optimizer) if self.discriminators else None
 
-    def build_all(self, images: tf.Tensor) -> None:
+    def build(self, input_shape: Any = None) -> None:
+        """Builds the adapters from the student's stage shapes (the zoo models and the
+        discriminators are functional models, built already)."""
+        shapes = _feature_shapes(self.student)
+        for adapter, (s, _) in zip(self.feature_adapters, self.feature_pairs):
+            adapter.build((None, *shapes[s]))
+        if not self.shares_adapters:
+            for adapter, (s, _) in zip(self.adversarial_adapters, self.adversarial_pairs):
+                adapter.build((None, *shapes[s]))
+        if self.hint_adapter is not None:
+            self.hint_adapter.build((None, *shapes[self.hint_pair[0]]))
+        self.built = True
+
+    def build_all(self) -> None:
         """Creates every variable (model, adapters, discriminators, both optimizers' slots).
 
         Call inside the strategy scope before ``fit``: two optimizers under MirroredStrategy
         fail on the first step unless both are built there, and a backup can only be restored
         into built models and optimizers.
         """
-        outputs = self._forward(images, training=False)
-        self._student_terms(tf.zeros(tf.shape(images)[:1], tf.int32), outputs, training=False)
+        self.build(self.student.input_shape)
         self.optimizer.build(self.student_variables)
         if self.d_optimizer is not None:
             self.d_optimizer.build(self.discriminator_variables)
