@@ -38,3 +38,14 @@ def digits():
     from tfkd import data
 
     return data.prepare("digits", validation_fraction=0.1, seed=0)
+
+
+@pytest.fixture(scope="session")
+def two_replicas() -> tf.distribute.MirroredStrategy:
+    """One MirroredStrategy over the two logical CPUs for the whole session.
+
+    Every MirroredStrategy object numbers its collective ops from the same start, so two of
+    them in one process can collide ("Shape mismatch in the collective instance"); sharing one
+    avoids that.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -156,8 +156,8 @@ def test_real_cifar10_pipeline(cifar10_dir):
     assert prepared.hflip is True
 
 
-def test_pipeline_feeds_a_distribution_strategy(digits):
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_pipeline_feeds_a_distribution_strategy(digits, two_replicas):
+    strategy = two_replicas
     dist = strategy.experimental_distribute_dataset(digits.train_dataset(32))
     x, y = next(iter(dist))
     assert [v.shape[0] for v in strategy.experimental_local_results(x)] == [16, 16]

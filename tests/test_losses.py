@@ -31,8 +31,8 @@ def test_psnr_matches_numpy_and_clips_prediction():
     assert float(losses.psnr(target[:1], target[:1])[0]) > 100  # identical images
 
 
-def test_scale_for_replicas_divides_by_replica_count():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_scale_for_replicas_divides_by_replica_count(two_replicas):
+    strategy = two_replicas
     result = strategy.run(lambda: losses.scale_for_replicas(tf.constant(3.0)))
     values = strategy.experimental_local_results(result)
     assert [float(v) for v in values] == [1.5, 1.5]

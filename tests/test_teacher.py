@@ -97,14 +97,14 @@ def _one_step(strategy, weights, x, y):
     return logs, [w.numpy() for w in teacher.weights]
 
 
-def test_mirrored_two_replicas_equal_one_device():
+def test_mirrored_two_replicas_equal_one_device(two_replicas):
     """Same global batch, same starting weights: 2 replicas step exactly like 1 device."""
     x, y = batch(16, seed=3)
     reference = make_teacher(sync_bn=True)
     reference(x[:2])
     weights = reference.get_weights()
     one_logs, one_weights = _one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, x, y)
-    two_logs, two_weights = _one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), weights, x, y)
+    two_logs, two_weights = _one_step(two_replicas, weights, x, y)
     for key in ("loss", "ce", "rec", "accuracy", "psnr"):
         np.testing.assert_allclose(two_logs[key][0], one_logs[key][0], rtol=1e-5, atol=1e-5, err_msg=key)
     moved = [np.abs(a - w).max() for a, w in zip(one_weights, weights)]

@@ -27,7 +27,7 @@ def run_cli(*args, timeout=300):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run") / "digits"
-    code = train.main(["--run-dir", str(run_dir), "--epochs", "4", *FAST])
+    code = train.main(["--stage", "teacher", "--run-dir", str(run_dir), "--epochs", "4", *FAST])
     assert code == 0
     return run_dir
 
@@ -66,7 +66,7 @@ def test_saved_teacher_reproduces_reported_test_accuracy(digits_run):
 
 def test_rerun_skips_a_finished_stage(digits_run, capsys):
     before = (digits_run / "teacher.keras").stat().st_mtime_ns
-    assert train.main(["--run-dir", str(digits_run), "--epochs", "4", *FAST]) == 0
+    assert train.main(["--stage", "teacher", "--run-dir", str(digits_run), "--epochs", "4", *FAST]) == 0
     assert "skipping the teacher stage" in capsys.readouterr().out
     assert (digits_run / "teacher.keras").stat().st_mtime_ns == before
 
@@ -103,28 +103,135 @@ def test_help_explains_every_option():
         assert text in result.stdout, text
 
 
-def test_killed_run_resumes_from_its_backup(tmp_path):
-    """SIGKILL mid-training, re-run the same command: it continues from the last backup."""
-    run_dir = tmp_path / "run"
-    args = ["--run-dir", str(run_dir), "--epochs", "6", *FAST]
+def _kill_when_epoch_backed_up(args, backup, min_epoch=2):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen([sys.executable, "-m", "tfkd.train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = run_dir / "backup" / "teacher" / "training_metadata.json"
-    deadline = time.time() + 240
+    metadata = backup / "training_metadata.json"
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metadata.is_file() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2:
-            break
+        try:
+            if json.loads(metadata.read_text()).get("epoch", 0) >= min_epoch:
+                break
+        except (OSError, ValueError):
+            pass
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "teacher.keras").exists()
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distill"])
+def test_killed_run_resumes_from_its_backup(tmp_path, digits_run, stage):
+    """SIGKILL mid-training, re-run the same command: it continues from the last backup."""
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--epochs", "6", *FAST]
+    if stage == "distill":
+        args += ["--stage", "distill", "--teacher", str(digits_run / "teacher.keras"), "--student-model", "resnet8"]
+    else:
+        args += ["--stage", "teacher"]
+    _kill_when_epoch_backed_up(args, run_dir / "backup" / stage)
+    artifact = run_dir / ("student.keras" if stage == "distill" else "teacher.keras")
+    assert not artifact.exists()
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 6 and 1 <= metrics["epochs_run_here"] <= 4
-    with open(run_dir / "teacher_log.csv") as f:
+    with open(run_dir / f"{stage}_log.csv") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs[-1] == 5 and len(epochs) < 6 + 2  # resumed, not restarted from epoch 0
-    assert keras.saving.load_model(run_dir / "teacher.keras") is not None
+    assert keras.saving.load_model(artifact) is not None
+
+
+def test_distill_stage_writes_the_student_alone(tmp_path, digits_run):
+    from tfkd import models
+
+    run_dir = tmp_path / "s"
+    code = train.main(["--stage", "distill", "--method", "cft", "--teacher", str(digits_run / "teacher.keras"),
+                       "--student-model", "resnet8", "--epochs", "2", "--run-dir", str(run_dir), *FAST])
+    assert code == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "cft" and metrics["terms"] == {"ce": 1.0, "feat": 1.0, "adv": 0.1}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    for key in ("d_real_acc", "d_fake_acc", "d_loss"):
+        assert key in metrics
+    student = keras.saving.load_model(run_dir / "student.keras", safe_mode=True)
+    assert student.count_params() == models.get("resnet8", 10).count_params()
+    assert not [l.name for l in student.layers if "adapter" in l.name or "discriminator" in l.name]
+    with open(run_dir / "distill_log.csv") as f:
+        header = next(csv.reader(f))
+    assert {"feat", "adv", "d_real_acc", "d_fake_acc", "val_accuracy"} <= set(header)
+
+
+def test_mktn_all_trains_both_teachers_then_the_student(tmp_path):
+    run_dir = tmp_path / "m"
+    assert train.main(["--method", "mktn", "--epochs", "1", "--run-dir", str(run_dir),
+                       "--student-model", "resnet8", *FAST]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert (metrics["stages"]["teacher1"]["lambda_cls"], metrics["stages"]["teacher1"]["lambda_rec"]) == (0.0, 1.0)
+    assert (metrics["stages"]["teacher2"]["lambda_cls"], metrics["stages"]["teacher2"]["lambda_rec"]) == (1.0, 0.0)
+    assert metrics["teachers"] == [str(run_dir / "teacher1.keras"), str(run_dir / "teacher2.keras")]
+    assert (run_dir / "student.keras").is_file()
+
+
+@pytest.fixture(scope="module")
+def odd_models(tmp_path_factory):
+    from tfkd import models
+    from tfkd.teacher import ReconstructionTeacher
+
+    folder = tmp_path_factory.mktemp("odd")
+    ReconstructionTeacher(models.get("resnet8", 5)).save(folder / "five_classes.keras")
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]).save(
+        folder / "plain.keras")
+    (folder / "garbage.keras").write_bytes(b"not a zip")
+    return folder
+
+
+@pytest.mark.parametrize("teacher,extra,code,match", [
+    ("five_classes.keras", [], 4, "the teacher has 5 classes, dataset digits has 10"),
+    ("plain.keras", [], 4, "not a tfkd teacher"),
+    ("garbage.keras", [], 4, "not a loadable Keras model"),
+    ("missing.keras", [], 4, "missing.keras: teacher file not found"),
+    (None, ["--set", "distill.stages=5"], 4, "distill.stages = '5': stages run from 1 to 3"),
+    (None, ["--method", "mktn"], 2, "expected 2 teacher file(s) for method mktn"),
+])
+def test_bad_teachers_fail_fast(tmp_path, capsys, digits_run, odd_models, teacher, extra, code, match):
+    path = odd_models / teacher if teacher else digits_run / "teacher.keras"
+    run_dir = tmp_path / "bad"
+    args = ["--stage", "distill", "--teacher", str(path), "--run-dir", str(run_dir), "--epochs", "1", *FAST, *extra]
+    assert train.main(args) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tfkd: error: ") and match in err and "\n" not in err
+    assert not (run_dir / "student.keras").exists() and not (run_dir / "metrics.json").exists()
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_multiworker_distillation_on_two_local_workers(tmp_path):
+    """Two worker processes on 127.0.0.1 with TF_CONFIG: the chief writes the artifacts."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    run_dir = tmp_path / "mw"
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        args = [sys.executable, "-m", "tfkd.train", "--strategy", "multiworker", "--run-dir", str(run_dir),
+                "--epochs", "2", "--student-model", "resnet8", *FAST]
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "cft" and metrics["epochs"] == 2
+    assert (run_dir / "teacher.keras").is_file() and (run_dir / "student.keras").is_file()
+    assert "tfkd: done" in outputs[0][0]

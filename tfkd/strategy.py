@@ -9,10 +9,32 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import tensorflow as tf
 
 from tfkd.errors import ConfigError
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose ``reduce`` accepts what Keras 3's ``fit`` passes it.
+
+    Keras 3 has two multi-worker-only calls that the stock strategy rejects
+    (keras-team/keras#20585): it reduces the first ``(images, labels)`` batch with one
+    ``reduce`` call (the strategy reduces one value, not a structure), and it reduces every
+    logged scalar with ``axis=0`` (a scalar has no axis 0). This reduces leaf by leaf and
+    reduces scalars across replicas without an axis, which is what both calls mean.
+    """
+
+    def reduce(self, reduce_op: Any, value: Any, axis: Any = None) -> Any:
+        base = tf.distribute.MultiWorkerMirroredStrategy.reduce
+
+        def reduce_leaf(leaf: Any) -> Any:
+            local = self.experimental_local_results(leaf)[0]
+            scalar = getattr(getattr(local, "shape", None), "rank", None) == 0
+            return base(self, reduce_op, leaf, None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_leaf, value)
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -39,7 +61,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
             json.loads(os.environ["TF_CONFIG"])
         except json.JSONDecodeError:
             raise ConfigError("TF_CONFIG: not valid JSON") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return MultiWorkerStrategy()
     raise ConfigError(f"option 'strategy' = {name!r}: expected auto, default, mirrored or multiworker")
 
 

@@ -156,7 +156,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     return history, val, test, meter
 
 
-def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path, chief: bool,
+def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   name: str = "teacher", lambda_cls: float | None = None,
                   lambda_rec: float | None = None) -> dict[str, Any]:
     """Trains a reconstruction-augmented teacher saved as ``<name>.keras``; returns its metrics.
@@ -183,9 +183,8 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
     history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
-    if chief:
-        with io.atomic_path(out_dir / f"{name}.keras") as tmp:
-            teacher.save(tmp)
+    with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: scratch)
+        teacher.save(tmp)
     return {
         "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
         "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
@@ -247,7 +246,7 @@ def load_teacher(path: str | Path, data: Any) -> Any:
     return backbone
 
 
-def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path, chief: bool,
+def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   teacher_paths: Sequence[str | Path]) -> dict[str, Any]:
     """Distills the student with the configured method; saves ``student.keras``; returns metrics."""
     import keras
@@ -273,9 +272,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
         distiller.build_all()
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
-    if chief:
-        with io.atomic_path(out_dir / "student.keras") as tmp:
-            student.save(tmp)
+    with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: scratch)
+        student.save(tmp)
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
     return {
         "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
@@ -347,15 +345,17 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
             if _skip(run_dir / f"{name}.keras", name):
                 metrics = _stage_metrics(run_dir, name)
                 continue
-            metrics = train_teacher(cfg, data, strategy, out_dir, chief, name, lambda_cls, lambda_rec)
+            metrics = train_teacher(cfg, data, strategy, out_dir, name, lambda_cls, lambda_rec)
             if chief:
                 _update_metrics(run_dir, name, metrics)
     if cfg.stage in ("distill", "all"):
+        # a non-chief worker reads the copy it just trained (its scratch folder) if it has one
         teacher_paths = list(cfg.distill.teachers) or (
-            [run_dir / f"{name}.keras" for name, _, _ in plan] if needed else [])
+            [next(p for p in (out_dir / f"{name}.keras", run_dir / f"{name}.keras") if p.is_file()
+                  or p.parent == run_dir) for name, _, _ in plan] if needed else [])
         if _skip(run_dir / "student.keras", "distill"):
             return _stage_metrics(run_dir, "distill")
-        metrics = train_student(cfg, data, strategy, out_dir, chief, teacher_paths)
+        metrics = train_student(cfg, data, strategy, out_dir, teacher_paths)
         if chief:
             _update_metrics(run_dir, "distill", metrics)
     return metrics
