@@ -2,6 +2,10 @@
 
 ``pipeline``: images per second of the input pipeline alone next to the teacher's training
 step on the same data, and their ratio (the pipeline must not be what limits training).
+
+``speed``: training images per second of every method's step on one teacher and student, next
+to a ``keras.distillation.Distiller`` KD step on the same pair, all in one process, with each
+figure's ratio to the Keras KD step.
 """
 
 from __future__ import annotations
@@ -32,15 +36,7 @@ def _train_step_rate(cfg: Any, data: Any, steps: int) -> float:
     teacher = ReconstructionTeacher(models.get(cfg.model, data.num_classes, data.image_shape),
                                     pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist())
     teacher.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
-    # a fixed in-memory batch repeated: measures the step, not the pipeline
-    x, y = next(iter(data.train_dataset(cfg.batch_size)))
-    import tensorflow as tf
-
-    ds = tf.data.Dataset.from_tensors((x, y)).repeat()
-    teacher.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)  # trace
-    start = time.perf_counter()
-    teacher.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    return _fit_rate(teacher, next(iter(data.train_dataset(cfg.batch_size))), steps)
 
 
 def pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,6 +54,63 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _fit_rate(model: Any, batch: tuple[Any, Any], steps: int) -> float:
+    """Images/s of ``model.fit`` on one in-memory batch repeated (measures the step alone)."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensors(batch).repeat()
+    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
+    start = time.perf_counter()
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    return steps * int(batch[1].shape[0]) / (time.perf_counter() - start)
+
+
+def speed(args: argparse.Namespace) -> dict[str, Any]:
+    """Times each method's train step against keras.distillation's KD step."""
+    import keras
+    import numpy as np
+
+    from tfkd import models
+    from tfkd.distill import Distiller, loss_weights
+
+    rng = np.random.default_rng(0)
+    batch = (rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
+             rng.integers(0, 10, args.batch_size).astype(np.int32))
+    keras.utils.set_random_seed(0)
+    teacher = models.get(args.teacher_model, 10)
+    teacher2 = models.get(args.teacher_model, 10)
+
+    def sgd() -> Any:
+        return keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def logits_only(model: Any) -> Any:
+        return keras.Model(model.input, model.output["logits"])
+
+    rates: dict[str, float] = {}
+    reference = keras.distillation.Distiller(
+        teacher=logits_only(teacher), student=logits_only(models.get(args.student_model, 10)),
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=4.0, loss=keras.losses.KLDivergence()),
+        student_loss_weight=0.1)
+    reference.compile(optimizer=sgd(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rates["keras_distiller_kd"] = _fit_rate(reference, batch, args.steps)
+    for method in args.methods:
+        mktn = method == "mktn"
+        distiller = Distiller(models.get(args.student_model, 10),
+                              None if method == "student" else teacher,
+                              teacher2 if mktn else None, loss_weights(method))
+        distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
+        distiller.build_all()
+        rates[method] = _fit_rate(distiller, batch, args.steps)
+    base = rates["keras_distiller_kd"]
+    result = {"teacher": args.teacher_model, "student": args.student_model,
+              "batch_size": args.batch_size, "steps": args.steps, "cpu_count": os.cpu_count(),
+              "images_per_second": {k: round(v, 1) for k, v in rates.items()},
+              "ratio_to_keras_distiller_kd": {k: round(v / base, 3) for k, v in rates.items()}}
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog="python -m tfkd.bench", description=__doc__,
@@ -71,11 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=200, help="pipeline batches to time")
     p.add_argument("--steps", type=int, default=20, help="train steps to time")
+    p = sub.add_parser("speed", help="training images/s of every method vs keras.distillation KD")
+    p.add_argument("--teacher-model", default="resnet20")
+    p.add_argument("--student-model", default="resnet8")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per method")
+    p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
+                   help="methods to time")
     args = parser.parse_args(argv)
     from tfkd.errors import TfkdError
 
     try:
-        {"pipeline": pipeline}[args.command](args)
+        {"pipeline": pipeline, "speed": speed}[args.command](args)
     except TfkdError as error:
         print(f"tfkd: error: {error}", file=sys.stderr)
         return error.exit_code
