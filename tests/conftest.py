@@ -49,3 +49,20 @@ def two_replicas() -> tf.distribute.MirroredStrategy:
     avoids that.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+@pytest.fixture(scope="session")
+def one_step():
+    """``one_step(strategy, build, weights, x, y)``: builds a compiled model with ``build()``
+    inside ``strategy``'s scope, loads ``weights``, fits one global batch ``(x, y)``; returns
+    the logged history and the weights after the step."""
+
+    def run(strategy, build, weights, x, y):
+        with strategy.scope():
+            model = build()
+            model.set_weights(weights)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(y))
+        history = model.fit(ds, epochs=1, verbose=0, shuffle=False).history
+        return history, [w.numpy() for w in model.weights]
+
+    return run

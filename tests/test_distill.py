@@ -209,20 +209,12 @@ def test_resume_restores_both_optimizers_state(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def _one_step(strategy, weights, x, y):
-    with strategy.scope():
-        distiller = make_distiller(sync_bn=True)
-        distiller.set_weights(weights)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(y))
-    logs = distiller.fit(ds, epochs=1, verbose=0, shuffle=False).history
-    return logs, [w.numpy() for w in distiller.weights]
-
-
-def test_two_replicas_give_the_same_losses_and_weights_as_one_device(two_replicas):
+def test_two_replicas_give_the_same_losses_and_weights_as_one_device(two_replicas, one_step):
     x, y = batch(16, seed=5)
     weights = make_distiller(sync_bn=True).get_weights()
-    one_logs, one_w = _one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, x, y)
-    two_logs, two_w = _one_step(two_replicas, weights, x, y)
+    build = lambda: make_distiller(sync_bn=True)  # noqa: E731
+    one_logs, one_w = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), build, weights, x, y)
+    two_logs, two_w = one_step(two_replicas, build, weights, x, y)
     for key in ("loss", "ce", "feat", "adv", "d_loss", "d_real_acc", "d_fake_acc"):
         np.testing.assert_allclose(two_logs[key][0], one_logs[key][0], rtol=1e-5, atol=1e-5, err_msg=key)
     for a, b in zip(one_w, two_w):

@@ -86,25 +86,21 @@ def test_keras_round_trip_gives_identical_outputs(tmp_path):
     np.testing.assert_array_equal(a["reconstruction"].numpy(), b["reconstruction"].numpy())
 
 
-def _one_step(strategy, weights, x, y):
-    with strategy.scope():
-        teacher = make_teacher(sync_bn=True)
-        teacher.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        teacher(x[:2])
-        teacher.set_weights(weights)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(y))
-    logs = teacher.fit(ds, epochs=1, verbose=0, shuffle=False).history
-    return logs, [w.numpy() for w in teacher.weights]
+def _compiled_teacher():
+    teacher = make_teacher(sync_bn=True)
+    teacher.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    teacher(np.zeros((2, 32, 32, 3), np.float32))
+    return teacher
 
 
-def test_mirrored_two_replicas_equal_one_device(two_replicas):
+def test_mirrored_two_replicas_equal_one_device(two_replicas, one_step):
     """Same global batch, same starting weights: 2 replicas step exactly like 1 device."""
     x, y = batch(16, seed=3)
     reference = make_teacher(sync_bn=True)
     reference(x[:2])
     weights = reference.get_weights()
-    one_logs, one_weights = _one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), weights, x, y)
-    two_logs, two_weights = _one_step(two_replicas, weights, x, y)
+    one_logs, one_weights = one_step(tf.distribute.OneDeviceStrategy("/cpu:0"), _compiled_teacher, weights, x, y)
+    two_logs, two_weights = one_step(two_replicas, _compiled_teacher, weights, x, y)
     for key in ("loss", "ce", "rec", "accuracy", "psnr"):
         np.testing.assert_allclose(two_logs[key][0], one_logs[key][0], rtol=1e-5, atol=1e-5, err_msg=key)
     moved = [np.abs(a - w).max() for a, w in zip(one_weights, weights)]
