@@ -307,6 +307,12 @@ def _stage_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
     return json.loads(path.read_text()).get("stages", {}).get(stage, {}) if path.is_file() else {}
 
 
+def _trained_teacher(run_dir: Path, out_dir: Path, name: str) -> Path:
+    """This run's teacher ``name``: a non-chief worker reads the copy it trained itself."""
+    local = out_dir / f"{name}.keras"
+    return local if local.is_file() else run_dir / f"{name}.keras"
+
+
 def _skip(artifact: Path, stage: str) -> bool:
     if artifact.is_file():
         print(f"tfkd: {artifact} exists: skipping the {stage} stage (remove it, or choose "
@@ -349,10 +355,8 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
             if chief:
                 _update_metrics(run_dir, name, metrics)
     if cfg.stage in ("distill", "all"):
-        # a non-chief worker reads the copy it just trained (its scratch folder) if it has one
         teacher_paths = list(cfg.distill.teachers) or (
-            [next(p for p in (out_dir / f"{name}.keras", run_dir / f"{name}.keras") if p.is_file()
-                  or p.parent == run_dir) for name, _, _ in plan] if needed else [])
+            [_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan] if needed else [])
         if _skip(run_dir / "student.keras", "distill"):
             return _stage_metrics(run_dir, "distill")
         metrics = train_student(cfg, data, strategy, out_dir, teacher_paths)
