@@ -35,3 +35,9 @@ class TrainingError(TfkdError):
     """Training that cannot go on, such as a NaN loss (exit code 5)."""
 
     exit_code = 5
+
+
+class ExportError(TfkdError):
+    """An export that failed verification: an fp32 format disagrees with Keras (exit code 6)."""
+
+    exit_code = 6

@@ -1,0 +1,384 @@
+"""``python -m tfkd.export``: the student to SavedModel, TFLite (fp32, fp16, dynamic, int8) and
+ONNX, each loaded back in its own runtime and checked against the Keras model.
+
+The exported contract (every format): input ``images``, float32 NHWC pixels in [0, 255] at the
+trained size, any batch size; normalization is inside the model; outputs ``logits`` and
+``probabilities``. ``model_int8.tflite`` keeps float32 input and output by default
+(``--int8-io uint8`` or ``int8`` makes them integer: pixels in, quantized logits out).
+
+Artifacts land in a temporary folder beside ``--out`` and replace it only once every format is
+converted and verified, so ``--out`` never holds a partial export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tfkd.errors import ModelError, TfkdError
+
+FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
+FILES = {"saved_model": "saved_model", "fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite",
+         "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite", "onnx": "model.onnx"}
+#: Formats that must match Keras to the tolerance (the others are quantized).
+EXACT_FORMATS = ("saved_model", "fp32", "onnx")
+
+
+# ------------------------------------------------------------------------------ building
+def deployable(student: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Wraps a zoo student as the deployed contract: [0, 255] pixels in, normalization inside,
+    ``{"logits", "probabilities"}`` out."""
+    import keras
+
+    images = keras.Input(tuple(student.input_shape[1:]), name="images")
+    x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(images)
+    logits = keras.layers.Identity(name="logits")(student(x)["logits"])
+    probabilities = keras.layers.Softmax(name="probabilities")(logits)
+    return keras.Model(images, {"logits": logits, "probabilities": probabilities}, name="deployable")
+
+
+def export_saved_model(model: Any, path: Path) -> None:
+    """SavedModel with the ``serving_default`` signature (Keras's own exporter)."""
+    model.export(str(path), format="tf_saved_model", verbose=False)
+
+
+def convert_tflite(saved_model: Path, mode: str, representative: np.ndarray | None = None,
+                   int8_io: str = "float32") -> bytes:
+    """TFLite flatbuffer from the SavedModel: ``fp32``, ``fp16`` (float16 weights), ``dynamic``
+    (int8 weights, float activations) or ``int8`` (full integer, calibrated on
+    ``representative`` pixels)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if mode != "fp32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode == "int8":
+        if representative is None or not len(representative):
+            raise ModelError("int8 export needs representative images")
+
+        def samples() -> Any:
+            for image in representative:
+                yield {"images": image[None].astype(np.float32)}
+
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io_type = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[int8_io]
+        converter.inference_input_type = io_type
+        converter.inference_output_type = io_type
+    return converter.convert()
+
+
+def convert_onnx(saved_model: Path, path: Path, opset: int = 17) -> None:
+    """ONNX from the SavedModel with tf2onnx's own ``--saved-model`` converter, run as the
+    documented command. (``from_function`` on the Keras model turns the normalization
+    constants into extra graph inputs; ``from_keras`` does not handle Keras 3 models.)"""
+    import subprocess
+
+    command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
+               "--output", str(path), "--opset", str(opset)]
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if result.returncode != 0 or not path.is_file():
+        lines = [l for l in result.stderr.splitlines() if l.strip()] or ["no output"]
+        raise ModelError(f"ONNX conversion failed (tf2onnx: {lines[-1][:300]})")
+
+
+# ------------------------------------------------------------------------------ runtimes
+def runner(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from float32 pixel batches to logits, in the format's own runtime."""
+    if fmt == "saved_model":
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+        return lambda x: signature(images=tf.constant(x))["logits"].numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        outputs = [o.name for o in session.get_outputs()]
+        index = outputs.index("logits") if "logits" in outputs else 0
+        return lambda x: session.run(None, {name: x})[index]
+    return tflite_runner(path)
+
+
+def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """LiteRT's interpreter behind the ``serving_default`` signature; quantizes integer input
+    and dequantizes integer output with the tensors' own scale and zero point."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    signature = interpreter.get_signature_runner("serving_default")
+    details_in = signature.get_input_details()["images"]
+    details_out = signature.get_output_details()["logits"]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if details_in["dtype"] != np.float32:
+            scale, zero = details_in["quantization"]
+            info = np.iinfo(details_in["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(details_in["dtype"])
+        y = signature(images=x)["logits"]
+        if details_out["dtype"] != np.float32:
+            scale, zero = details_out["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y
+
+    return run
+
+
+def _batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+def batch1_latency_ms(fn: Callable[[np.ndarray], Any], image: np.ndarray, runs: int = 50,
+                      warmup: int = 5) -> float:
+    """Median wall time of one single-image call, after warm-up, in milliseconds."""
+    x = image[None].astype(np.float32)
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def verify(out: Path, formats: Sequence[str], keras_logits: np.ndarray, images: np.ndarray,
+           labels: np.ndarray, tolerance: float, latency_runs: int) -> dict[str, dict[str, Any]]:
+    """Runs every artifact on the test images in its runtime and compares it with Keras."""
+    from tqdm import tqdm
+
+    report = {}
+    for fmt in tqdm(formats, desc="verifying", unit="format"):
+        path = out / FILES[fmt]
+        fn = runner(fmt, path)
+        logits = _batched(fn, images.astype(np.float32))
+        entry = {
+            "file": FILES[fmt], "bytes": _size(path),
+            "top1": float(np.mean(logits.argmax(1) == labels)),
+            "agreement_with_keras": float(np.mean(logits.argmax(1) == keras_logits.argmax(1))),
+            "max_abs_logit_diff": float(np.abs(logits - keras_logits).max()),
+            "batch1_latency_ms": batch1_latency_ms(fn, images[0], latency_runs),
+        }
+        if fmt == "onnx":
+            import onnx
+
+            onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+            entry["onnx_checker"] = "passed (full_check)"
+        if fmt in EXACT_FORMATS:
+            entry["within_tolerance"] = (entry["max_abs_logit_diff"] <= tolerance
+                                         and entry["agreement_with_keras"] == 1.0)
+        report[fmt] = entry
+    return report
+
+
+# ------------------------------------------------------------------------------ the job
+def load_student(path: str | Path) -> tuple[Any, Path]:
+    """Loads ``student.keras`` (or a run folder holding it) in safe mode; returns the model and
+    its run folder, where the normalization, labels and training metrics are."""
+    import keras
+
+    from tfkd.teacher import ReconstructionTeacher
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.keras"
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found (expected a student.keras or its run folder)")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:
+        raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__})") from None
+    if isinstance(model, ReconstructionTeacher):
+        raise ModelError(f"{path}: this is a teacher; export the student (student.keras) of a "
+                         "distillation run")
+    output = getattr(model, "output", None)
+    if not isinstance(output, dict) or "logits" not in output:
+        raise ModelError(f"{path}: not a tfkd student (expected a zoo model with logits)")
+    if not (path.parent / "dataset.json").is_file():
+        raise ModelError(f"{path.parent / 'dataset.json'}: missing; export reads the "
+                         "normalization and labels from the model's run folder")
+    return model, path.parent
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _model_card_markdown(card: dict[str, Any]) -> str:
+    rows = ["| format | file | size (KiB) | top-1 | agreement with Keras | max abs logit diff | "
+            "batch-1 latency (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for fmt, entry in card["formats"].items():
+        rows.append(f"| {fmt} | `{entry['file']}` | {entry['bytes'] / 1024:.1f} | "
+                    f"{entry['top1'] * 100:.2f}% | {entry['agreement_with_keras'] * 100:.2f}% | "
+                    f"{entry['max_abs_logit_diff']:.2e} | {entry['batch1_latency_ms']:.3f} |")
+    keras_entry = card["keras"]
+    rows.append(f"| keras (reference) | `student.keras` | | {keras_entry['top1'] * 100:.2f}% | 100% | 0 | "
+                f"{keras_entry['batch1_latency_ms']:.3f} |")
+    contract = card["input"]
+    training = card.get("training", {})
+    return "\n".join([
+        f"# Model card: {card['model']}", "",
+        f"A {card['model']} image classifier for the {card['dataset']} classes, trained by tfkd "
+        f"(method `{training.get('method', 'n/a')}`).", "",
+        "## Input and output", "",
+        f"- input `images`: {contract['dtype']} {contract['layout']} {contract['shape']}, pixels in "
+        f"{contract['range']}; normalization is inside the model",
+        f"- int8 model input/output: {card['int8_io']} ({contract['int8_note']})",
+        "- outputs: `logits` and `probabilities` (softmax), one per class of `labels.txt`",
+        f"- normalization: mean {card['normalization']['mean']}, std {card['normalization']['std']}",
+        "", "## Verification on the test split", "",
+        f"{card['test_images']} test images; fp32 formats must match Keras within "
+        f"{card['tolerance']:g} (max abs logit diff) with 100% top-1 agreement.", "",
+        *rows, "", "## Training", "", "```json", json.dumps(training, indent=2), "```", "",
+        f"Labels: {', '.join(card['labels'])}", ""])
+
+
+def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FORMATS,
+           data_dir: str | None = None, opset: int = 17, representative: int = 500,
+           int8_io: str = "float32", tolerance: float = 1e-4, max_test_images: int = 0,
+           latency_runs: int = 50) -> dict[str, Any]:
+    """Converts, verifies and writes every requested format to ``out``; returns the model card.
+
+    Raises ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
+    """
+    from tfkd import config as config_lib
+    from tfkd import data as data_lib
+    from tfkd import io
+    from tfkd.errors import ExportError
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ModelError(f"--formats {','.join(formats)}: expected some of {', '.join(FORMATS)}")
+    student, run_dir = load_student(model_path)
+    info = _read_json(run_dir / "dataset.json")
+    cfg = config_lib.load(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() \
+        else config_lib.load(dotlist=[f"data.dataset={info['dataset']}"])
+    data = data_lib.prepare(cfg.data.dataset, data_dir or cfg.data.data_dir, cfg.data.image_size,
+                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
+    mean, std = info["mean"], info["std"]
+    model = deployable(student, mean, std)
+    images, labels = data.test_images, data.test_labels
+    if max_test_images:
+        images, labels = images[:max_test_images], labels[:max_test_images]
+    pixels = images.astype(np.float32)
+    keras_logits = model.predict(pixels, batch_size=256, verbose=0)["logits"]
+    keras_latency = batch1_latency_ms(lambda x: model(x, training=False), images[0], latency_runs)
+
+    out = Path(out)
+    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tflite_modes = [f for f in formats if f in ("fp32", "fp16", "dynamic", "int8")]
+        if "saved_model" in formats or tflite_modes or "onnx" in formats:
+            export_saved_model(model, tmp / FILES["saved_model"])
+        rng = np.random.default_rng(0)
+        calibration = data.train_images[rng.permutation(len(data.train_images))[:representative]]
+        for mode in tflite_modes:
+            (tmp / FILES[mode]).write_bytes(convert_tflite(tmp / FILES["saved_model"], mode,
+                                                           calibration, int8_io))
+        if "onnx" in formats:
+            convert_onnx(tmp / FILES["saved_model"], tmp / FILES["onnx"], opset)
+        report = verify(tmp, list(formats), keras_logits, images, labels, tolerance, latency_runs)
+        if "saved_model" not in formats:
+            shutil.rmtree(tmp / FILES["saved_model"], ignore_errors=True)
+        bad = {f: e for f, e in report.items() if e.get("within_tolerance") is False}
+        if bad:
+            detail = "; ".join(f"{f}: max abs logit diff {e['max_abs_logit_diff']:.2e}, agreement "
+                               f"{e['agreement_with_keras'] * 100:.2f}%" for f, e in bad.items())
+            raise ExportError(f"{', '.join(bad)} disagree with the Keras model beyond {tolerance:g} "
+                              f"({detail}); nothing was written")
+        training = _read_json(run_dir / "metrics.json")
+        training.pop("stages", None)
+        card = {
+            "model": student.name, "dataset": info["dataset"], "labels": info["class_names"],
+            "input": {"name": "images", "dtype": "float32", "layout": "NHWC",
+                      "shape": [None, *data.image_shape], "range": "[0, 255]",
+                      "int8_note": "float32 pixels and logits unless --int8-io is int8/uint8, then "
+                                   "quantize pixels with the input tensor's scale/zero point"},
+            "outputs": ["logits", "probabilities"], "int8_io": int8_io, "onnx_opset": opset,
+            "normalization": {"mean": mean, "std": std}, "tolerance": tolerance,
+            "test_images": int(len(labels)), "representative_images": int(len(calibration)),
+            "keras": {"top1": float(np.mean(keras_logits.argmax(1) == labels)),
+                      "batch1_latency_ms": keras_latency},
+            "formats": report, "training": training, "source": str(Path(model_path)),
+        }
+        (tmp / "labels.txt").write_text("\n".join(info["class_names"]) + "\n")
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        (tmp / "model_card.md").write_text(_model_card_markdown(card))
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Moves the finished export onto ``out``, replacing a previous one as late as possible."""
+    old = out.parent / f".old-{os.getpid()}-{out.name}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tfkd.export",
+        description="Export a trained student to SavedModel, TFLite (fp32, fp16, dynamic-range, "
+                    "int8) and ONNX; verify every file in its own runtime against Keras on the "
+                    "test split; write labels.txt and a model card.",
+        epilog="Exit codes: 0 done, 2 bad option, 3 bad data, 4 bad model file, 6 an fp32 format "
+               "disagrees with Keras (nothing written).")
+    parser.add_argument("model", help="student.keras, or the run folder holding it")
+    parser.add_argument("--out", required=True, help="output folder (replaced when the export succeeds)")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    parser.add_argument("--data-dir", help="dataset folder, if it moved since training")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--representative", type=int, default=500,
+                        help="training images used to calibrate int8 (default 500)")
+    parser.add_argument("--int8-io", choices=("float32", "int8", "uint8"), default="float32",
+                        help="input/output type of model_int8.tflite (default float32)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max abs logit difference allowed for fp32 formats (default 1e-4)")
+    parser.add_argument("--max-test-images", type=int, default=0,
+                        help="verify on the first N test images only (default: all)")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls per format")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        card = export(args.model, args.out, [f for f in args.formats.split(",") if f], args.data_dir,
+                      args.opset, args.representative, args.int8_io, args.tolerance,
+                      args.max_test_images, args.latency_runs)
+    except TfkdError as error:
+        print(f"tfkd: error: {error}", file=sys.stderr)
+        return error.exit_code
+    print(Path(args.out, "model_card.md").read_text())
+    print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
