@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tfkd.errors import ConfigError
 
-STAGES = ("teacher", "distill", "all")
+STAGES = ("teacher", "distill", "export", "all")
+EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 
 
@@ -108,9 +109,22 @@ class DistillConfig:
 
 
 @dataclass
+class ExportConfig:
+    formats: List[str] = option(list(EXPORT_FORMATS), "formats to write: saved_model, fp32, fp16, "
+                                                      "dynamic, int8, onnx")
+    opset: int = option(17, "ONNX opset")
+    representative: int = option(500, "training images that calibrate the int8 model")
+    int8_io: str = option("float32", "model_int8.tflite input/output type: float32, int8 or uint8")
+    tolerance: float = option(1e-4, "max abs logit difference allowed between Keras and an fp32 "
+                                    "format")
+    max_test_images: int = option(0, "verify on the first N test images (0: all)")
+
+
+@dataclass
 class RunConfig:
     stage: str = option("all", "what to run: teacher (the teacher(s) the method needs), distill "
-                               "(the student), or all (every stage in turn)")
+                               "(the student), export (the student to edge formats), or all "
+                               "(every stage in turn)")
     run_dir: str = option("runs/default", "output folder; re-running the same command resumes")
     seed: int = option(0, "random seed (weights, validation split, shuffling, augmentation)")
     strategy: str = option("auto", "tf.distribute strategy: auto (multiworker when TF_CONFIG is "
@@ -123,6 +137,7 @@ class RunConfig:
     teacher: TeacherConfig = section(TeacherConfig, "the reconstruction-augmented teacher")
     student: StudentConfig = section(StudentConfig, "the student")
     distill: DistillConfig = section(DistillConfig, "knowledge transfer to the student")
+    export: ExportConfig = section(ExportConfig, "export of the student to run_dir/export")
 
 
 def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
@@ -244,6 +259,15 @@ def validate(config: RunConfig) -> None:
         _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
     _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",
            distill.discriminator.learning_rate, "> 0")
+    export = config.export
+    _check(bool(export.formats) and all(f in EXPORT_FORMATS for f in export.formats), "export.formats",
+           export.formats, f"a list of {', '.join(EXPORT_FORMATS)}")
+    _check(export.int8_io in ("float32", "int8", "uint8"), "export.int8_io", export.int8_io,
+           "float32, int8 or uint8")
+    _check(export.representative >= 1, "export.representative", export.representative, ">= 1")
+    _check(export.tolerance > 0, "export.tolerance", export.tolerance, "> 0")
+    _check(export.max_test_images >= 0, "export.max_test_images", export.max_test_images, ">= 0")
+    _check(7 <= export.opset <= 21, "export.opset", export.opset, "an ONNX opset from 7 to 21")
     _check(config.verbose in (None, 0, 1, 2), "verbose", config.verbose, "0, 1, 2 or null")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from tfkd.errors import ModelError, TfkdError
 
-FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
+from tfkd.config import EXPORT_FORMATS as FORMATS
 FILES = {"saved_model": "saved_model", "fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite",
          "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite", "onnx": "model.onnx"}
 #: Formats that must match Keras to the tolerance (the others are quantized).
@@ -254,9 +254,11 @@ def _model_card_markdown(card: dict[str, Any]) -> str:
 def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FORMATS,
            data_dir: str | None = None, opset: int = 17, representative: int = 500,
            int8_io: str = "float32", tolerance: float = 1e-4, max_test_images: int = 0,
-           latency_runs: int = 50) -> dict[str, Any]:
+           latency_runs: int = 50, data: Any = None) -> dict[str, Any]:
     """Converts, verifies and writes every requested format to ``out``; returns the model card.
 
+    ``data`` (a ``tfkd.data.Data``) saves reloading the dataset when the caller has it; by
+    default it is rebuilt from the run folder's ``config.yaml``, with the same splits.
     Raises ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
     """
     from tfkd import config as config_lib
@@ -269,10 +271,11 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
         raise ModelError(f"--formats {','.join(formats)}: expected some of {', '.join(FORMATS)}")
     student, run_dir = load_student(model_path)
     info = _read_json(run_dir / "dataset.json")
-    cfg = config_lib.load(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() \
-        else config_lib.load(dotlist=[f"data.dataset={info['dataset']}"])
-    data = data_lib.prepare(cfg.data.dataset, data_dir or cfg.data.data_dir, cfg.data.image_size,
-                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
+    if data is None:
+        cfg = config_lib.load(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() \
+            else config_lib.load(dotlist=[f"data.dataset={info['dataset']}"])
+        data = data_lib.prepare(cfg.data.dataset, data_dir or cfg.data.data_dir, cfg.data.image_size,
+                                cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
     mean, std = info["mean"], info["std"]
     model = deployable(student, mean, std)
     images, labels = data.test_images, data.test_labels

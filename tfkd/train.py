@@ -2,7 +2,8 @@
 
 Stages run in order: ``teacher`` trains the teacher(s) the method needs (one
 reconstruction-augmented teacher; for ``mktn`` Teacher1, an autoencoder, and Teacher2, a plain
-classifier), ``distill`` trains the student with the method's loss terms; ``all`` runs both.
+classifier), ``distill`` trains the student with the method's loss terms, ``export`` writes and
+verifies the student's edge formats in ``export/``; ``all`` runs the three.
 
 Run directory layout (every file written atomically):
 
@@ -14,6 +15,7 @@ Run directory layout (every file written atomically):
   resume: weights, adapters, discriminators, both optimizers' state); a killed run resumes
 - ``<stage>_log.csv`` and ``tensorboard/<stage>/``: per-epoch metrics
 - ``reconstructions.png``: test images over the teacher's reconstructions
+- ``export/``: SavedModel, TFLite, ONNX, labels and model card (see ``tfkd.export``)
 - ``metrics.json``: the last stage's headline metrics at top level, every stage's under ``stages``
 
 A stage whose artifact already exists is skipped, so re-running a finished command is cheap
@@ -38,7 +40,7 @@ from tfkd.errors import TfkdError
 
 #: Dedicated flags: flag -> (config key, help). Everything else goes through --set.
 FLAGS = {
-    "--stage": ("stage", "what to run: teacher, distill, or all (default)"),
+    "--stage": ("stage", "what to run: teacher, distill, export, or all (default)"),
     "--method": ("distill.method", "student, kd, fitnet, at, cft (default) or mktn"),
     "--teacher": ("distill.teachers", "a trained teacher (.keras file or run folder); give it "
                                       "twice for mktn: the reconstruction teacher, then the "
@@ -362,7 +364,28 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
         metrics = train_student(cfg, data, strategy, out_dir, teacher_paths)
         if chief:
             _update_metrics(run_dir, "distill", metrics)
+    if cfg.stage in ("export", "all") and chief:
+        metrics = export_student(cfg, run_dir, data)
     return metrics
+
+
+def export_student(cfg: config_lib.RunConfig, run_dir: Path, data: Any) -> dict[str, Any]:
+    """Exports ``run_dir/student.keras`` to ``run_dir/export`` (see ``tfkd.export``)."""
+    from tfkd import export
+
+    ecfg = cfg.export
+    card = export.export(run_dir / "student.keras", run_dir / "export", ecfg.formats,
+                         cfg.data.data_dir, ecfg.opset, ecfg.representative, ecfg.int8_io,
+                         ecfg.tolerance, ecfg.max_test_images, data=data)
+    summary = {fmt: {k: entry[k] for k in ("bytes", "top1", "agreement_with_keras",
+                                            "max_abs_logit_diff", "batch1_latency_ms")}
+               for fmt, entry in card["formats"].items()}
+    metrics = {"folder": str(run_dir / "export"), "formats": summary,
+               "keras_top1": card["keras"]["top1"],
+               "keras_batch1_latency_ms": card["keras"]["batch1_latency_ms"]}
+    previous = _stage_metrics(run_dir, "distill")
+    _update_metrics(run_dir, "export", metrics)
+    return {**previous, "export": metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,114 @@
+"""Edge runtimes behind one interface, for ``predict.py`` and ``benchmark.py``.
+
+Only numpy and ONNX Runtime or LiteRT (``ai-edge-litert``) are needed; TensorFlow is never
+imported. Every model takes ``images``: float32 NHWC pixels in [0, 255] (a model exported with
+``--int8-io int8/uint8`` takes integers; this module quantizes the pixels for it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_SUFFIXES = (".onnx", ".tflite")
+
+
+class KitError(Exception):
+    """A one-line problem with the user's input; ``exit_code`` is what the script exits with."""
+
+    def __init__(self, message: str, exit_code: int = 3) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class EdgeModel:
+    """An exported classifier in ONNX Runtime (``.onnx``) or LiteRT (``.tflite``)."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise KitError(f"{self.path}: model file not found", 4)
+        if self.path.suffix not in MODEL_SUFFIXES:
+            raise KitError(f"{self.path}: expected a .onnx or .tflite model, got "
+                           f"'{self.path.suffix or 'no extension'}'", 4)
+        self.runtime = "onnxruntime" if self.path.suffix == ".onnx" else "litert"
+        try:
+            if self.runtime == "onnxruntime":
+                self._load_onnx(threads)
+            else:
+                self._load_tflite(threads)
+        except KitError:
+            raise
+        except Exception as error:  # the runtimes raise many types for a corrupt file
+            raise KitError(f"{self.path}: {self.runtime} cannot load it ({type(error).__name__})", 4) from None
+
+    def _load_onnx(self, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        spec = self.session.get_inputs()[0]
+        self.input_name = spec.name
+        self.input_shape = tuple(d if isinstance(d, int) else -1 for d in spec.shape)
+        self.input_dtype = np.float32
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _load_tflite(self, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads or None)
+        self.signature = self.interpreter.get_signature_runner("serving_default")
+        details = self.signature.get_input_details()["images"]
+        self.input_name = "images"
+        self.input_shape = tuple(int(d) for d in details["shape_signature"])
+        self.input_dtype = details["dtype"]
+        self.input_quantization = details["quantization"]
+        self.output_details = self.signature.get_output_details()
+        self.output_names = list(self.output_details)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) the model takes."""
+        return int(self.input_shape[1]), int(self.input_shape[2])
+
+    def check(self, images: np.ndarray) -> np.ndarray:
+        """Validates a batch against the model's contract; returns it as float32."""
+        expected = (-1, *self.input_shape[1:])
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected[1:]):
+            raise KitError(f"input shape {tuple(images.shape)}: the model takes batches of "
+                           f"(N, {', '.join(str(d) for d in expected[1:])}) pixels")
+        if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+            raise KitError(f"input dtype {images.dtype}: expected float32 or uint8 pixels in [0, 255]")
+        images = images.astype(np.float32)
+        if not np.isfinite(images).all():
+            raise KitError("input holds NaN or infinite pixels")
+        if images.min() < 0 or images.max() > 255:
+            raise KitError(f"pixel values span {images.min():g}..{images.max():g}: expected [0, 255]")
+        return images
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits for a float32 [0, 255] NHWC batch."""
+        if self.runtime == "onnxruntime":
+            index = self.output_names.index("logits") if "logits" in self.output_names else 0
+            return self.session.run(None, {self.input_name: images})[index]
+        x = images
+        if self.input_dtype != np.float32:
+            scale, zero = self.input_quantization
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(images / scale + zero), info.min, info.max).astype(self.input_dtype)
+        out = self.signature(images=x)["logits"]
+        details = self.output_details["logits"]
+        if details["dtype"] != np.float32:
+            scale, zero = details["quantization"]
+            out = (out.astype(np.float32) - zero) * scale
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=-1, keepdims=True)
