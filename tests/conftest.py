@@ -66,3 +66,35 @@ def one_step():
         return history, [w.numpy() for w in model.weights]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def student_run(tmp_path_factory, digits):
+    """A run folder with a briefly trained resnet8 student on digits, as tfkd.train writes it."""
+    import keras
+
+    from tfkd import config, io, models
+
+    run_dir = tmp_path_factory.mktemp("student_run")
+    keras.utils.set_random_seed(0)
+    student = models.get("resnet8", 10)
+    trainer = keras.Model(student.input, student.output["logits"])
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trainer.fit(digits.train_dataset(64), epochs=3, verbose=0)
+    student.save(run_dir / "student.keras")
+    io.write_json(run_dir / "dataset.json", digits.info())
+    io.write_text(run_dir / "config.yaml", config.to_yaml(config.load()))
+    io.write_json(run_dir / "metrics.json", {"method": "student", "test_accuracy": 0.5, "stages": {}})
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, student_run, digits):
+    """Every export format of ``student_run``, verified on 120 test images."""
+    from tfkd import export
+
+    out = tmp_path_factory.mktemp("exported") / "artifacts"
+    card = export.export(student_run / "student.keras", out, max_test_images=120, latency_runs=5,
+                         data=digits)
+    return out, card
