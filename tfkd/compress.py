@@ -1,0 +1,228 @@
+"""``python -m tfkd.compress``: quantization-aware training and magnitude pruning of a student.
+
+TensorFlow Model Optimization works on tf_keras (Keras 2) models only, and importing it switches
+its process to Keras 2 (``TF_USE_LEGACY_KERAS=1``), so this module runs in its own process and
+is the only one that imports it. It rebuilds the Keras 3 student as a tf_keras functional model
+from the same zoo code (``tfkd.models.get(..., api=tf_keras)``), copies the weights layer by
+layer and checks the two agree, fine-tunes with the KD loss against the teacher's logits,
+strips the training wrappers and writes ``model_int8.tflite`` through the same conversion and
+verification as ``tfkd.export``, next to a post-training int8 export of the original student
+for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tfkd.errors import ModelError, TfkdError
+
+#: Largest logit difference allowed between the Keras 3 student and its tf_keras rebuild.
+PARITY_TOLERANCE = 1e-5
+
+
+def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: int) -> Any:
+    """The same zoo architecture built with tf_keras, weights copied layer by layer."""
+    import tf_keras
+
+    from tfkd import models
+
+    if student.name not in models.REGISTRY:
+        raise ModelError(f"student {student.name!r} is not a zoo model; compress rebuilds zoo models only")
+    legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
+    for layer in student.layers:
+        if layer.weights:
+            legacy.get_layer(layer.name).set_weights([w.numpy() for w in layer.weights])
+    return legacy
+
+
+def parity(student: Any, legacy: Any, images: np.ndarray) -> float:
+    """Max abs logit difference between the Keras 3 student and its tf_keras rebuild."""
+    a = student(images, training=False)["logits"].numpy()
+    b = legacy(images, training=False)["logits"].numpy()
+    return float(np.abs(a - b).max())
+
+
+def kd_targets(data: Any, teacher: Any, batch_size: int, seed: int) -> Any:
+    """Training batches whose target packs the label and the teacher's logits: (N, 1 + C)."""
+    import tensorflow as tf
+
+    def add_teacher(x: Any, y: Any) -> Any:
+        logits = teacher(x, training=False)["logits"] if teacher is not None else \
+            tf.zeros((tf.shape(x)[0], data.num_classes))
+        return x, tf.concat([tf.cast(y, tf.float32)[:, None], logits], axis=1)
+
+    return data.train_dataset(batch_size, seed).map(add_teacher)
+
+
+def kd_loss(alpha: float, temperature: float) -> Any:
+    """``(1 - a) CE + a KD`` on packed targets (label, teacher logits); ``a = 0`` is plain CE."""
+    import tensorflow as tf
+
+    from tfkd import losses
+
+    def loss(target: Any, logits: Any) -> Any:
+        labels = tf.cast(target[:, 0], tf.int32)
+        ce = losses.cross_entropy(labels, logits)
+        if alpha == 0:
+            return ce
+        return (1 - alpha) * ce + alpha * losses.kd(target[:, 1:], logits, temperature)
+
+    return loss
+
+
+def save_deployable(model: Any, mean: Sequence[float], std: Sequence[float], path: Path) -> None:
+    """SavedModel of the tf_keras logits model with the export contract: ``images`` in [0, 255]
+    in, normalization inside, ``logits`` and ``probabilities`` out."""
+    import tensorflow as tf
+
+    mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="images")
+
+    @tf.function(input_signature=[spec])
+    def serve(images: Any) -> dict[str, Any]:
+        logits = model((images - mean_t) / std_t, training=False)
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
+
+    module = tf.Module()
+    module.model = model
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
+
+
+def compress(model_path: str | Path, out: str | Path, method: str = "qat",
+             teacher_path: str | Path | None = None, epochs: int = 3, learning_rate: float = 0.01,
+             sparsity: float = 0.5, kd_alpha: float = 0.9, temperature: float = 4.0,
+             batch_size: int = 128, representative: int = 500, max_test_images: int = 0,
+             seed: int = 0) -> dict[str, Any]:
+    """Fine-tunes the student with QAT or pruning and writes a verified int8 TFLite to ``out``."""
+    import keras
+    import tensorflow_model_optimization as tfmot  # switches this process to Keras 2
+    import tf_keras
+
+    from tfkd import config as config_lib
+    from tfkd import data as data_lib
+    from tfkd import export
+    from tfkd.train import load_teacher
+
+    if method not in ("qat", "prune"):
+        raise ModelError(f"--method {method!r}: expected qat or prune")
+    student, run_dir = export.load_student(model_path)
+    cfg = config_lib.load(str(run_dir / "config.yaml"))
+    data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
+                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
+    info = json.loads((run_dir / "dataset.json").read_text())
+    teacher = load_teacher(teacher_path, data) if teacher_path else None
+    legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes)
+    gap = parity(student, legacy, data.normalize(data.test_images[:64]).numpy())
+    if gap > PARITY_TOLERANCE:
+        raise ModelError(f"tf_keras rebuild of {student.name} differs from the Keras 3 model by "
+                         f"{gap:.2e} (> {PARITY_TOLERANCE:g})")
+    logits_model = tf_keras.Model(legacy.input, legacy.output["logits"], name=student.name)
+    steps = len(data.train_labels) // batch_size * epochs
+    if method == "qat":
+        model = tfmot.quantization.keras.quantize_model(logits_model)
+        callbacks: list[Any] = []
+    else:
+        schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0,
+                                                        end_step=max(1, int(steps * 0.7)))
+        model = tfmot.sparsity.keras.prune_low_magnitude(logits_model, pruning_schedule=schedule)
+        callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
+    lr = tf_keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
+    model.compile(optimizer=tf_keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+                  loss=kd_loss(kd_alpha if teacher is not None else 0.0, temperature))
+    start = time.perf_counter()
+    model.fit(kd_targets(data, teacher, batch_size, seed), epochs=epochs, callbacks=callbacks,
+              verbose=2)
+    seconds = time.perf_counter() - start
+    if method == "prune":
+        model = tfmot.sparsity.keras.strip_pruning(model)
+    out = Path(out)
+    images, labels = data.test_images, data.test_labels
+    if max_test_images:
+        images, labels = images[:max_test_images], labels[:max_test_images]
+    reference = export.deployable(student, info["mean"], info["std"])
+    keras_logits = reference.predict(images.astype(np.float32), batch_size=256, verbose=0)["logits"]
+    rng = np.random.default_rng(0)
+    calibration = data.train_images[rng.permutation(len(data.train_images))[:representative]]
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as scratch:
+        saved = Path(scratch) / "saved_model"
+        save_deployable(model, info["mean"], info["std"], saved)
+        tflite = export.convert_tflite(saved, "int8", calibration)
+        staging = Path(scratch) / "out"
+        staging.mkdir()
+        (staging / export.FILES["int8"]).write_bytes(tflite)
+        report = export.verify(staging, ["int8"], keras_logits, images, labels, 1.0, 20)["int8"]
+        ptq_dir = Path(scratch) / "ptq"
+        ptq = export.export(model_path, ptq_dir, ["fp32", "int8"], max_test_images=max_test_images,
+                            representative=representative, latency_runs=20, data=data)
+        weights = [w for w in model.get_weights() if w.ndim > 1]
+        result = {
+            "method": method, "epochs": epochs, "teacher": str(teacher_path) if teacher_path else None,
+            "kd_alpha": kd_alpha if teacher is not None else 0.0, "parity_max_abs_logit_diff": gap,
+            "fine_tune_seconds": seconds, "test_images": int(len(labels)),
+            "float_keras_top1": float(np.mean(keras_logits.argmax(1) == labels)),
+            "compressed_int8": report,
+            "post_training_int8": ptq["formats"]["int8"], "fp32_tflite": ptq["formats"]["fp32"],
+        }
+        if method == "prune":
+            result["sparsity"] = float(np.mean(np.concatenate([w.ravel() for w in weights]) == 0))
+        (staging / "labels.txt").write_text("\n".join(info["class_names"]) + "\n")
+        (staging / "compress_report.json").write_text(json.dumps(result, indent=2) + "\n")
+        export._publish(staging, out)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tfkd.compress",
+        description="Quantization-aware training (qat) or magnitude pruning (prune) of a distilled "
+                    "student with TensorFlow Model Optimization, fine-tuned with KD against the "
+                    "teacher; writes a verified model_int8.tflite and compress_report.json "
+                    "comparing it with post-training int8. Needs the 'compress' extra.",
+        epilog="Exit codes: 0 done, 2 bad option, 3 bad data, 4 bad model file.")
+    parser.add_argument("model", help="student.keras, or its run folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--method", choices=("qat", "prune"), default="qat")
+    parser.add_argument("--teacher", help="teacher for the KD fine-tuning loss (default: CE only)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=0.01)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="prune: final sparsity")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-test-images", type=int, default=0, help="verify on the first N (0: all)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    if args.epochs < 1 or not 0 < args.sparsity < 1:
+        print("tfkd: error: --epochs must be >= 1 and --sparsity in (0, 1)", file=sys.stderr)
+        return 2
+    try:
+        result = compress(args.model, args.out, args.method, args.teacher, args.epochs,
+                          args.learning_rate, args.sparsity, batch_size=args.batch_size,
+                          max_test_images=args.max_test_images)
+    except ImportError as error:
+        print(f"tfkd: error: {error.name or error}: install the extra with pip install -e '.[compress]'",
+              file=sys.stderr)
+        return 2
+    except TfkdError as error:
+        print(f"tfkd: error: {error}", file=sys.stderr)
+        return error.exit_code
+    c, p, f = result["compressed_int8"], result["post_training_int8"], result["fp32_tflite"]
+    print(f"{args.method}: int8 top-1 {c['top1'] * 100:.2f}% ({c['bytes'] / 1024:.1f} KiB) | "
+          f"post-training int8 {p['top1'] * 100:.2f}% ({p['bytes'] / 1024:.1f} KiB) | "
+          f"fp32 {f['top1'] * 100:.2f}% ({f['bytes'] / 1024:.1f} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
