@@ -13,6 +13,7 @@ for comparison.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import sys
@@ -131,8 +132,9 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         model = tfmot.quantization.keras.quantize_model(logits_model)
         callbacks: list[Any] = []
     else:
-        schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0,
-                                                        end_step=max(1, int(steps * 0.7)))
+        end_step = max(1, int(steps * 0.7))  # then fine-tune at the final sparsity
+        schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end_step,
+                                                        frequency=max(1, end_step // 20))
         model = tfmot.sparsity.keras.prune_low_magnitude(logits_model, pruning_schedule=schedule)
         callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     lr = tf_keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
@@ -174,6 +176,9 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         }
         if method == "prune":
             result["sparsity"] = float(np.mean(np.concatenate([w.ravel() for w in weights]) == 0))
+        for key, path in (("compressed_int8", staging / export.FILES["int8"]),
+                          ("post_training_int8", ptq_dir / export.FILES["int8"])):
+            result[key]["gzip_bytes"] = len(gzip.compress(path.read_bytes()))
         (staging / "labels.txt").write_text("\n".join(info["class_names"]) + "\n")
         (staging / "compress_report.json").write_text(json.dumps(result, indent=2) + "\n")
         export._publish(staging, out)
@@ -218,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tfkd: error: {error}", file=sys.stderr)
         return error.exit_code
     c, p, f = result["compressed_int8"], result["post_training_int8"], result["fp32_tflite"]
-    print(f"{args.method}: int8 top-1 {c['top1'] * 100:.2f}% ({c['bytes'] / 1024:.1f} KiB) | "
-          f"post-training int8 {p['top1'] * 100:.2f}% ({p['bytes'] / 1024:.1f} KiB) | "
+    print(f"{args.method}: int8 top-1 {c['top1'] * 100:.2f}% ({c['bytes'] / 1024:.1f} KiB, "
+          f"{c['gzip_bytes'] / 1024:.1f} gzipped) | post-training int8 {p['top1'] * 100:.2f}% "
+          f"({p['bytes'] / 1024:.1f} KiB, {p['gzip_bytes'] / 1024:.1f} gzipped) | "
           f"fp32 {f['top1'] * 100:.2f}% ({f['bytes'] / 1024:.1f} KiB)")
     return 0
 
