@@ -16,6 +16,8 @@ from tfkd import train
 from tfkd.teacher import ReconstructionTeacher
 
 FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "verbose=0"]
+FAST_EXPORT = ["--set", "export.formats=[fp32,int8]", "--set", "export.max_test_images=60",
+               "--set", "export.representative=50"]
 
 
 def run_cli(*args, timeout=300):
@@ -166,11 +168,17 @@ def test_distill_stage_writes_the_student_alone(tmp_path, digits_run):
 def test_mktn_all_trains_both_teachers_then_the_student(tmp_path):
     run_dir = tmp_path / "m"
     assert train.main(["--method", "mktn", "--epochs", "1", "--run-dir", str(run_dir),
-                       "--student-model", "resnet8", *FAST]) == 0
+                       "--student-model", "resnet8", *FAST, *FAST_EXPORT]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # --stage all ends with the export of the student
+    assert {p.name for p in (run_dir / "export").iterdir()} >= {"model_fp32.tflite", "model_int8.tflite",
+                                                                 "model_card.json", "labels.txt"}
+    assert metrics["stage"] == "export" and metrics["method"] == "mktn" and "test_accuracy" in metrics
+    assert metrics["stages"]["export"]["formats"]["fp32"]["agreement_with_keras"] == 1.0
     assert (metrics["stages"]["teacher1"]["lambda_cls"], metrics["stages"]["teacher1"]["lambda_rec"]) == (0.0, 1.0)
     assert (metrics["stages"]["teacher2"]["lambda_cls"], metrics["stages"]["teacher2"]["lambda_rec"]) == (1.0, 0.0)
-    assert metrics["teachers"] == [str(run_dir / "teacher1.keras"), str(run_dir / "teacher2.keras")]
+    assert metrics["stages"]["distill"]["teachers"] == [str(run_dir / "teacher1.keras"),
+                                                        str(run_dir / "teacher2.keras")]
     assert (run_dir / "student.keras").is_file()
 
 
@@ -226,12 +234,13 @@ def test_multiworker_distillation_on_two_local_workers(tmp_path):
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         args = [sys.executable, "-m", "tfkd.train", "--strategy", "multiworker", "--run-dir", str(run_dir),
-                "--epochs", "2", "--student-model", "resnet8", *FAST]
+                "--epochs", "2", "--student-model", "resnet8", *FAST, *FAST_EXPORT]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-2000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["distill"]
     assert metrics["method"] == "cft" and metrics["epochs"] == 2
     assert (run_dir / "teacher.keras").is_file() and (run_dir / "student.keras").is_file()
+    assert (run_dir / "export" / "model_fp32.tflite").is_file()  # the chief exports
     assert "tfkd: done" in outputs[0][0]

@@ -104,14 +104,17 @@ def config_from_args(args: argparse.Namespace) -> config_lib.RunConfig:
     return config_lib.load(args.config, overrides, args.set)
 
 
-def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any]) -> None:
+def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
+                    headline: dict[str, Any] | None = None) -> None:
+    """Records ``metrics`` under ``stages[stage]``; the top level shows ``headline`` (default:
+    these metrics)."""
     from tfkd import io
 
     path = run_dir / "metrics.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
     stages = previous.get("stages", {})
     stages[stage] = metrics
-    io.write_json(path, {"stage": stage, **metrics, "stages": stages})
+    io.write_json(path, {"stage": stage, **(headline or metrics), "stages": stages})
 
 
 def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, total_steps: int) -> Any:
@@ -383,9 +386,9 @@ def export_student(cfg: config_lib.RunConfig, run_dir: Path, data: Any) -> dict[
     metrics = {"folder": str(run_dir / "export"), "formats": summary,
                "keras_top1": card["keras"]["top1"],
                "keras_batch1_latency_ms": card["keras"]["batch1_latency_ms"]}
-    previous = _stage_metrics(run_dir, "distill")
-    _update_metrics(run_dir, "export", metrics)
-    return {**previous, "export": metrics}
+    headline = {**_stage_metrics(run_dir, "distill"), "export": metrics}
+    _update_metrics(run_dir, "export", metrics, headline)  # the student's figures stay on top
+    return headline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
