@@ -193,19 +193,10 @@ def verify(out: Path, formats: Sequence[str], keras_logits: np.ndarray, images: 
 def load_student(path: str | Path) -> tuple[Any, Path]:
     """Loads ``student.keras`` (or a run folder holding it) in safe mode; returns the model and
     its run folder, where the normalization, labels and training metrics are."""
-    import keras
-
+    from tfkd import io
     from tfkd.teacher import ReconstructionTeacher
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "student.keras"
-    if not path.is_file():
-        raise ModelError(f"{path}: model file not found (expected a student.keras or its run folder)")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True)
-    except Exception as error:
-        raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__})") from None
+    model, path = io.load_keras(path, "student.keras", "model")
     if isinstance(model, ReconstructionTeacher):
         raise ModelError(f"{path}: this is a teacher; export the student (student.keras) of a "
                          "distillation run")

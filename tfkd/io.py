@@ -45,3 +45,26 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Atomically writes ``data`` as indented JSON."""
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_keras(path: str | os.PathLike, default_name: str, what: str) -> tuple[Any, Path]:
+    """Loads a ``.keras`` file (or ``default_name`` inside a run folder) in Keras's safe mode,
+    which refuses to run code stored in the file; returns the model and the file's path.
+
+    Raises ``ModelError`` naming the file when it is missing or cannot be loaded.
+    """
+    import keras
+
+    from tfkd.errors import ModelError
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / default_name
+    if not path.is_file():
+        raise ModelError(f"{path}: {what} file not found")
+    try:
+        return keras.saving.load_model(path, safe_mode=True), path
+    except Exception as error:  # Keras raises many types for a corrupt or foreign file
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__}"
+                         f"{': ' + first_line if first_line else ''})") from None

@@ -214,21 +214,11 @@ def teacher_plan(cfg: config_lib.RunConfig) -> list[tuple[str, float | None, flo
 def load_teacher(path: str | Path, data: Any) -> Any:
     """Loads a trained teacher (a ``.keras`` file, or a run folder holding ``teacher.keras``)
     in Keras's safe mode and returns its frozen backbone; fails fast on any mismatch."""
-    import keras
-
+    from tfkd import io
     from tfkd.errors import ModelError
     from tfkd.teacher import ReconstructionTeacher
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "teacher.keras"
-    if not path.is_file():
-        raise ModelError(f"{path}: teacher file not found")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True)
-    except Exception as error:
-        raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200] if str(error) else ''})") from None
+    model, path = io.load_keras(path, "teacher.keras", "teacher")
     backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
     output = getattr(backbone, "output", None)
     if not isinstance(output, dict) or "logits" not in output or "features" not in output:
