@@ -175,3 +175,34 @@ def test_cifar100_python_layout(tmp_path):
     prepared = data.prepare("cifar100", str(folder), validation_fraction=0.0)
     assert prepared.num_classes == 100 and len(prepared.train_labels) == 30 and len(prepared.test_labels) == 10
     assert len(prepared.val_labels) == 0
+
+
+def test_tfds_source_converts_what_tfds_returns(monkeypatch):
+    """CIFAR without --data-dir comes from TensorFlow Datasets (no network here: tfds.load is
+    replaced by a stand-in returning what it returns with batch_size=-1, as_supervised=True)."""
+    import types
+
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(0)
+    split = lambda n: (tf.constant(rng.integers(0, 255, (n, 32, 32, 3)).astype(np.uint8)),  # noqa: E731
+                       tf.constant(rng.integers(0, 10, n).astype(np.int64)))
+    info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=[f"c{i}" for i in range(10)])})
+    calls = {}
+
+    def fake_load(name, **kwargs):
+        calls.update(kwargs, name=name)
+        return (split(50), split(20)), info
+
+    monkeypatch.setattr(tfds, "load", fake_load)
+    source = data.load_source("cifar10")
+    assert calls["name"] == "cifar10" and calls["as_supervised"] and calls["batch_size"] == -1
+    assert source.train_images.shape == (50, 32, 32, 3) and source.train_images.dtype == np.uint8
+    assert source.test_labels.dtype == np.int32 and source.class_names[3] == "c3"
+
+    def failing_load(name, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "load", failing_load)
+    with pytest.raises(DataError, match="offline, pass --data-dir"):
+        data.load_source("cifar100")
