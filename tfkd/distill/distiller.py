@@ -14,6 +14,11 @@ feature-map discriminators. Per batch:
 
 Steps 3 and 4 see the same student forward pass, which is what "one D step, then one student
 step" computes, without running the student twice.
+
+The discriminator step feeds real and fake maps as one batch in training mode, so its batch norm
+normalizes both with the same statistics (a real-only or fake-only batch would let batch norm
+erase the difference D must see); the student step queries the discriminator in inference mode
+(moving statistics), so the student is judged exactly as the last D step trained it to judge.
 """
 
 from __future__ import annotations
