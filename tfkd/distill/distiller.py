@@ -17,8 +17,8 @@ step" computes, without running the student twice.
 
 The discriminator step feeds real and fake maps as one batch in training mode, so its batch norm
 normalizes both with the same statistics (a real-only or fake-only batch would let batch norm
-erase the difference D must see); the student step queries the discriminator in inference mode
-(moving statistics), so the student is judged exactly as the last D step trained it to judge.
+erase the difference D must see); the student step queries the discriminator in inference mode, so
+fake maps are normalized with D's moving statistics rather than with their own batch's.
 """
 
 from __future__ import annotations
