@@ -8,7 +8,6 @@ imported. Every model takes ``images``: float32 NHWC pixels in [0, 255] (a model
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

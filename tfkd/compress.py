@@ -104,7 +104,6 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
              batch_size: int = 128, representative: int = 500, max_test_images: int = 0,
              seed: int = 0) -> dict[str, Any]:
     """Fine-tunes the student with QAT or pruning and writes a verified int8 TFLite to ``out``."""
-    import keras
     import tensorflow_model_optimization as tfmot  # switches this process to Keras 2
     import tf_keras
 
@@ -165,7 +164,6 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         ptq_dir = Path(scratch) / "ptq"
         ptq = export.export(model_path, ptq_dir, ["fp32", "int8"], max_test_images=max_test_images,
                             representative=representative, latency_runs=20, data=data)
-        weights = [w for w in model.get_weights() if w.ndim > 1]
         result = {
             "method": method, "epochs": epochs, "teacher": str(teacher_path) if teacher_path else None,
             "kd_alpha": kd_alpha if teacher is not None else 0.0, "parity_max_abs_logit_diff": gap,
@@ -175,7 +173,8 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
             "post_training_int8": ptq["formats"]["int8"], "fp32_tflite": ptq["formats"]["fp32"],
         }
         if method == "prune":
-            result["sparsity"] = float(np.mean(np.concatenate([w.ravel() for w in weights]) == 0))
+            kernels = [w.ravel() for w in model.get_weights() if w.ndim > 1]
+            result["sparsity"] = float(np.mean(np.concatenate(kernels) == 0))
         for key, path in (("compressed_int8", staging / export.FILES["int8"]),
                           ("post_training_int8", ptq_dir / export.FILES["int8"])):
             result[key]["gzip_bytes"] = len(gzip.compress(path.read_bytes()))

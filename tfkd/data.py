@@ -13,7 +13,6 @@ CIFAR scale (150 MB) it is the fastest cache there is.
 
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path

@@ -254,7 +254,6 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
     """
     from tfkd import config as config_lib
     from tfkd import data as data_lib
-    from tfkd import io
     from tfkd.errors import ExportError
 
     unknown = [f for f in formats if f not in FORMATS]

@@ -70,7 +70,7 @@ class Distiller(keras.Model):
             None for the student alone.
         adversarial_teacher: the backbone whose features the discriminators see as real
             (MKTN's Teacher1); defaults to ``teacher`` (CFT).
-        weights: the method's loss weights.
+        weights: the method's loss weights (default: CE only, the student alone).
         stages: which stages the feature and adversarial terms use (``resolve_stages``).
         temperature: KD temperature.
         gan_loss: ``lsgan`` or ``bce``.
@@ -79,11 +79,12 @@ class Distiller(keras.Model):
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None,
                  adversarial_teacher: keras.Model | None = None,
-                 weights: LossWeights = LossWeights(), stages: str = "last",
+                 weights: LossWeights | None = None, stages: str = "last",
                  temperature: float = 4.0, gan_loss: str = "lsgan", sync_bn: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.student = student
+        weights = weights or LossWeights()
         self.loss_weights = weights
         self.temperature = float(temperature)
         self.gan_loss = gan_loss

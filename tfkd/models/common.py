@@ -13,10 +13,6 @@ from typing import Any, Sequence
 
 import keras
 
-#: Channel axis: every model is NHWC (channels last), the layout TFLite and ONNX expect too.
-CHANNELS_LAST = -1
-
-
 def conv(api: ModuleType, filters: int, kernel: int, stride: int = 1, bias: bool = False,
          name: str | None = None) -> Any:
     """A 'same'-padded convolution with He-normal init, as the CIFAR reference models use."""
