@@ -1,5 +1,9 @@
 """``python -m tfkd.bench``: benchmarks that print their figures.
 
+``accuracy``: runs an accuracy protocol (``benchmarks/protocols/*.yaml``): trains its teachers
+once, then every student method, each run cached in ``OUT/runs``; writes ``results.json``,
+``results.md`` and ``results.png`` (see ``tfkd.protocol``).
+
 ``pipeline``: images per second of the input pipeline alone next to the teacher's training
 step on the same data, and their ratio (the pipeline must not be what limits training).
 
@@ -111,11 +115,48 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs (or continues) an accuracy protocol and writes its report."""
+    import shlex
+    from pathlib import Path
+
+    from tfkd import protocol as protocol_lib
+
+    protocol = protocol_lib.load(args.protocol)
+    out = Path(args.out or Path("benchmarks") / "results" / protocol.name)
+    job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
+                                 args.set, args.validation_only)
+    command = "python -m tfkd.bench " + shlex.join(args.argv)
+    if args.report_only:
+        results = protocol_lib.report(protocol, out, job_list, command)
+    else:
+        results = protocol_lib.run_protocol(protocol, out, job_list, command)
+    print(protocol_lib.markdown(results))
+    print(f"tfkd.bench: wrote {out / 'results.json'}, results.md, results.png")
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(prog="python -m tfkd.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("accuracy", help="run an accuracy protocol; cached, resumable")
+    p.add_argument("--protocol", default="cifar10-cpu",
+                   help="a shipped protocol (cifar10-cpu, cifar100-full) or a YAML file")
+    p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
+                   help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR; unset: "
+                        "TensorFlow Datasets)")
+    p.add_argument("--out", help="output folder (default: benchmarks/results/PROTOCOL)")
+    p.add_argument("--epochs", type=int, help="epochs of every teacher and student run")
+    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (mean ± std over them)")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the protocol")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (tuning), e.g. distill.beta=0.01")
+    p.add_argument("--validation-only", action="store_true",
+                   help="tuning: never evaluate on the test split")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the finished runs, train nothing")
     p = sub.add_parser("pipeline", help="input pipeline vs teacher train step, images/s")
     p.add_argument("--dataset", default="digits", help="dataset name (as for tfkd.train)")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
@@ -132,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
                    help="methods to time")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     from tfkd.errors import TfkdError
 
     try:
-        {"pipeline": pipeline, "speed": speed}[args.command](args)
+        {"accuracy": accuracy, "pipeline": pipeline, "speed": speed}[args.command](args)
     except TfkdError as error:
         print(f"tfkd: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -54,6 +54,8 @@ class DataConfig:
     hflip: Optional[bool] = option(None, "random horizontal flips; unset: on for every dataset "
                                          "except digits, whose mirror images are other glyphs")
     shuffle_buffer: int = option(0, "shuffle buffer in examples; 0: the whole training split")
+    evaluate_test: bool = option(True, "evaluate on the test split at the end of training; off "
+                                       "while tuning on the validation split")
 
 
 @dataclass
@@ -62,7 +64,10 @@ class OptimizerConfig:
                                        "the global batch size")
     momentum: float = option(0.9, "SGD Nesterov momentum")
     weight_decay: float = option(5e-4, "decoupled weight decay")
-    schedule: str = option("cosine", "learning-rate schedule: cosine or constant")
+    schedule: str = option("cosine", "learning-rate schedule: cosine, step (multiplied by "
+                                     "decay_rate at each milestone epoch) or constant")
+    milestones: List[int] = option([150, 180, 210], "step schedule: epochs where the rate decays")
+    decay_rate: float = option(0.1, "step schedule: factor applied at each milestone")
 
 
 @dataclass
@@ -245,8 +250,11 @@ def validate(config: RunConfig) -> None:
         _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
         _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")
         _check(opt.weight_decay >= 0, f"{name}.optimizer.weight_decay", opt.weight_decay, ">= 0")
-        _check(opt.schedule in ("cosine", "constant"), f"{name}.optimizer.schedule", opt.schedule,
-               "cosine or constant")
+        _check(opt.schedule in ("cosine", "step", "constant"), f"{name}.optimizer.schedule",
+               opt.schedule, "cosine, step or constant")
+        _check(0 < opt.decay_rate <= 1, f"{name}.optimizer.decay_rate", opt.decay_rate, "in (0, 1]")
+        _check(all(m >= 1 for m in opt.milestones) and list(opt.milestones) == sorted(set(opt.milestones)),
+               f"{name}.optimizer.milestones", opt.milestones, "increasing positive epochs")
     distill = config.distill
     _check(distill.method in METHODS, "distill.method", distill.method, f"one of {', '.join(METHODS)}")
     wanted = teachers_needed(distill.method)

@@ -117,19 +117,27 @@ def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
     io.write_json(path, {"stage": stage, **(headline or metrics), "stages": stages})
 
 
-def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, total_steps: int) -> Any:
+def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
+                   epochs: int) -> Any:
+    """The configured schedule, the base rate scaled linearly from batch 128 to ``batch_size``."""
     import keras
 
     lr = opt.learning_rate * batch_size / 128
     if opt.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(total_steps, 1))
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps_per_epoch * epochs, 1))
+    if opt.schedule == "step":
+        milestones = [m for m in opt.milestones if m < epochs]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [m * steps_per_epoch for m in milestones],
+            [lr * opt.decay_rate ** i for i in range(len(milestones) + 1)]) if milestones else lr
     return lr
 
 
-def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, total_steps: int) -> Any:
+def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int) -> Any:
     import keras
 
-    return keras.optimizers.SGD(_learning_rate(opt, batch_size, total_steps), momentum=opt.momentum,
+    return keras.optimizers.SGD(_learning_rate(opt, batch_size, steps_per_epoch, epochs),
+                                momentum=opt.momentum,
                                 nesterov=True, weight_decay=opt.weight_decay or None)
 
 
@@ -156,7 +164,8 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
                         verbose=verbose, shuffle=False).history  # the dataset shuffles itself
     _remove_if_empty(out_dir / "backup")
     _check_finite(history, stage)
-    test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True)
+    test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
+        if cfg.data.evaluate_test else {}
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
     return history, val, test, meter
 
@@ -180,7 +189,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
                                         pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
                                         name=name)
-        optimizer = _sgd(tcfg.optimizer, batch, len(data.train_labels) // batch * tcfg.epochs)
+        optimizer = _sgd(tcfg.optimizer, batch, len(data.train_labels) // batch, tcfg.epochs)
         teacher.compile(optimizer=optimizer)
         teacher(data.normalize(data.train_images[:2]))  # build, so a backup can be restored
         optimizer.build(teacher.trainable_variables)
@@ -194,7 +203,8 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
         "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "val_psnr": val.get("psnr"),
-        "test_accuracy": test["accuracy"], "test_psnr": test["psnr"], "test_loss": test["loss"],
+        "test_accuracy": test.get("accuracy"), "test_psnr": test.get("psnr"),
+        "test_loss": test.get("loss"),
         "params": int(backbone.count_params()),
         "train_images_per_second": meter.images_per_second,
         "wall_seconds": time.perf_counter() - start,
@@ -261,7 +271,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
                               temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
                               sync_bn=cfg.sync_batchnorm, name="distiller")
-        optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch * scfg.epochs)
+        optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch, scfg.epochs)
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
                                             beta_1=dcfg.discriminator.beta_1)
         distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
@@ -274,8 +284,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
         "terms": {t: getattr(weights, t) for t in weights.active()}, "stages": dcfg.stages,
         "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
-        "val_accuracy": val.get("accuracy"), "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"], "params": int(student.count_params()),
+        "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
+        "test_loss": test.get("loss"), "params": int(student.count_params()),
         "train_images_per_second": meter.images_per_second, **last,
         "wall_seconds": time.perf_counter() - start,
     }

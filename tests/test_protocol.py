@@ -1,0 +1,169 @@
+"""Accuracy protocols: parsing, the jobs they expand to, the report's arithmetic, and a tiny
+protocol run end to end through ``python -m tfkd.bench accuracy`` with its cache."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tfkd import protocol as protocol_lib
+from tfkd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+dataset: digits
+epochs: 1
+batch_size: 64
+seeds: [0]
+student: resnet8
+set: {data.validation_fraction: 0.2}
+teachers:
+  rec: {model: resnet8, set: {teacher.lambda_rec: 1.0}}
+runs:
+  student: {method: student}
+  kd: {method: kd, teachers: [rec]}
+"""
+
+
+def test_shipped_cifar10_protocol_expands_to_teachers_then_every_method(tmp_path):
+    protocol = protocol_lib.load("cifar10-cpu")
+    assert (protocol.dataset, protocol.epochs, protocol.batch_size, protocol.student) == \
+        ("cifar10", 20, 128, "resnet8")
+    assert list(protocol.runs) == ["student", "kd", "fitnet", "at", "cft", "mktn", "cft-no-adv",
+                                   "cft-no-feat", "cft-plain-teacher"]
+    jobs = protocol_lib.jobs(protocol, tmp_path, "/data", seeds=[0, 1])
+    kinds = [(j.kind, j.name, j.seed) for j in jobs]
+    assert kinds[:3] == [("teacher", "rec", 0), ("teacher", "plain", 0), ("teacher", "autoencoder", 0)]
+    assert len(jobs) == 3 + 9 * 2
+    mktn = next(j for j in jobs if j.name == "mktn")
+    teachers = [mktn.args[i + 1] for i, a in enumerate(mktn.args) if a == "--teacher"]
+    assert teachers == [str(tmp_path / "runs/teachers/autoencoder/teacher.keras"),
+                        str(tmp_path / "runs/teachers/plain/teacher.keras")]
+    no_adv = next(j for j in jobs if j.name == "cft-no-adv")
+    assert "distill.beta=0.0" in no_adv.args and "--data-dir" in no_adv.args
+    assert no_adv.args[no_adv.args.index("--epochs") + 1] == "20"
+
+
+def test_shipped_cifar100_protocol_resolves_to_a_valid_run_config(tmp_path):
+    from tfkd import train
+
+    protocol = protocol_lib.load("cifar100-full")
+    jobs = protocol_lib.jobs(protocol, tmp_path, None)
+    cfg = train.config_from_args(train.build_parser().parse_args(jobs[-1].args))
+    assert (cfg.data.dataset, cfg.data.batch_size, cfg.student.epochs, cfg.student.model) == \
+        ("cifar100", 64, 240, "resnet20")
+    assert cfg.student.optimizer.schedule == "step"
+    assert list(cfg.student.optimizer.milestones) == [150, 180, 210]
+
+
+def test_step_schedule_decays_at_the_milestones():
+    from tfkd import config, train
+
+    opt = config.OptimizerConfig(learning_rate=0.1, schedule="step", milestones=[2, 3], decay_rate=0.1)
+    schedule = train._learning_rate(opt, batch_size=64, steps_per_epoch=10, epochs=4)
+    rates = [float(schedule(step)) for step in (0, 19, 21, 31)]
+    assert rates == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+
+
+@pytest.mark.parametrize("text, match", [
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {student: {method: student}}\n"
+     "colour: red\n", "unknown key 'colour'"),
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {kd: {method: kd}}\n",
+     "kd takes 1 teacher"),
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {a: {method: magic}}\n",
+     "method 'magic'"),
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {kd: {method: kd, teachers: [x]}}\n",
+     "teacher 'x' is not in teachers"),
+    ("dataset: digits\nepochs: 0\nstudent: resnet8\nteachers: {}\nruns: {student: {method: student}}\n",
+     "epochs: expected a positive integer"),
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {}\n", "named 'student'"),
+    ("dataset: digits\nstudent: resnet8\n", "missing key 'epochs'"),
+    ("[1, 2", "not valid YAML"),
+])
+def test_bad_protocols_fail_with_the_file_and_key(tmp_path, text, match):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as error:
+        protocol_lib.load(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_unknown_protocol_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="cifar10-cpu"):
+        protocol_lib.load("cifar11")
+
+
+def _fake_run(run_dir: Path, kind: str, **metrics) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / ("teacher.keras" if kind == "teacher" else "student.keras")).write_bytes(b"x")
+    stage = "teacher" if kind == "teacher" else "distill"
+    (run_dir / "metrics.json").write_text(json.dumps({"stages": {stage: metrics}}))
+
+
+def test_report_means_stds_and_gains_over_the_student(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1]"))
+    protocol = protocol_lib.load(str(path))
+    jobs = protocol_lib.jobs(protocol, tmp_path / "out", None)
+    _fake_run(jobs[0].run_dir, "teacher", test_accuracy=0.9, val_accuracy=0.89, test_psnr=20.0,
+              model="resnet8", lambda_cls=1.0, lambda_rec=1.0)
+    for job, (val, test) in zip(jobs[1:], [(0.70, 0.80), (0.72, 0.82), (0.75, 0.83), (0.77, 0.87)]):
+        _fake_run(job.run_dir, "student", val_accuracy=val, test_accuracy=test)
+    results = protocol_lib.report(protocol, tmp_path / "out", jobs, "cmd")
+    student, kd = results["runs"]["student"], results["runs"]["kd"]
+    assert student["test"]["mean"] == pytest.approx(0.81)
+    assert student["test"]["std"] == pytest.approx(0.0141421, abs=1e-6)  # sample std of .80, .82
+    assert kd["test"]["mean"] == pytest.approx(0.85)
+    assert kd["test"]["gain_over_student"] == pytest.approx(0.04)
+    assert kd["val"]["gain_over_student"] == pytest.approx(0.05)
+    assert results["complete"] and results["teachers"]["rec"]["test_accuracy"] == 0.9
+    table = (tmp_path / "out/results.md").read_text()
+    assert "| kd | kd | rec | — | 76.00 ± 1.41 | 85.00 ± 2.83 | +4.00 |" in table
+    assert (tmp_path / "out/results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_changed_setting_never_reuses_a_cached_run(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY)
+    protocol = protocol_lib.load(str(path))
+    job = protocol_lib.jobs(protocol, tmp_path / "out", None, only=["student"])[0]
+    job.record()
+    changed = protocol_lib.jobs(protocol, tmp_path / "out", None, epochs=2, only=["student"])[0]
+    with pytest.raises(ConfigError, match="other settings"):
+        changed.done()
+
+
+def _bench(args, cwd):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "tfkd.bench", "accuracy", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    out = tmp_path / "out"
+    first = _bench(["--protocol", str(path), "--out", str(out)], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "0 of 3 runs cached" in first.stdout
+    results = json.loads((out / "results.json").read_text())
+    for name in ("student", "kd"):
+        metrics = json.loads((out / "runs" / name / "seed0" / "metrics.json").read_text())
+        assert results["runs"][name]["seeds"]["0"]["test_accuracy"] == metrics["test_accuracy"]
+        assert 0.0 < metrics["test_accuracy"] <= 1.0
+    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out}"
+    assert results["machine"]["cpu_count"] == os.cpu_count() and results["complete"]
+    # An interrupted protocol: the kd run lost its result; only it runs again.
+    (out / "runs/kd/seed0/metrics.json").unlink()
+    (out / "runs/kd/seed0/student.keras").unlink()
+    second = _bench(["--protocol", str(path), "--out", str(out)], tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 of 3 runs cached" in second.stdout
+    assert "kd seed 0" in second.stdout and "student seed 0" not in second.stdout
+    assert (out / "runs/kd/seed0/student.keras").is_file()
+    stale = _bench(["--protocol", str(path), "--out", str(out), "--epochs", "2"], tmp_path)
+    assert stale.returncode == 2 and "other settings" in stale.stderr

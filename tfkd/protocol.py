@@ -1,0 +1,426 @@
+"""Accuracy benchmark protocols: data files that say which teachers and students to train.
+
+A protocol (``benchmarks/protocols/<name>.yaml``) names a dataset, an epoch count, seeds, the
+teachers (each a ``tfkd.train --stage teacher`` run) and the student runs (a method, the
+teachers it learns from, and config overrides for ablations). ``run_protocol`` trains each
+teacher once, then every student run for every seed, each as its own ``python -m tfkd.train``
+process in ``OUT/runs/``. A run whose ``metrics.json`` already holds its result is not started
+again, and an interrupted run resumes from its backup, so an interrupted protocol continues
+where it stopped when re-run. ``report`` turns the finished runs into ``results.json``,
+``results.md`` (a table) and ``results.png`` (test accuracy with the gain over the student
+alone).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from tfkd.errors import ConfigError, TrainingError
+
+#: Folder of the protocols shipped with tfkd (``--protocol NAME`` looks here).
+PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
+PROTOCOL_KEYS = {"description", "dataset", "epochs", "batch_size", "seeds", "student", "set",
+                 "teachers", "runs"}
+TEACHER_KEYS = {"model", "set"}
+RUN_KEYS = {"method", "teachers", "set", "ablation", "description"}
+BASELINE = "student"
+
+
+@dataclass
+class Teacher:
+    """A teacher the protocol trains once (``set`` holds its config overrides)."""
+
+    name: str
+    model: str
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """A student run: a method, its teachers (protocol teacher names) and overrides."""
+
+    name: str
+    method: str
+    teachers: list[str] = field(default_factory=list)
+    set: dict[str, Any] = field(default_factory=dict)
+    ablation: bool = False
+    description: str = ""
+
+
+@dataclass
+class Protocol:
+    """A parsed protocol file."""
+
+    name: str
+    path: Path
+    dataset: str
+    epochs: int
+    batch_size: int
+    seeds: list[int]
+    student: str
+    teachers: dict[str, Teacher]
+    runs: dict[str, Run]
+    set: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _known(entry: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (expected {', '.join(sorted(allowed))})")
+
+
+def resolve(protocol: str) -> Path:
+    """A protocol file: ``protocol`` itself if it is a file, else a shipped protocol's name."""
+    path = Path(protocol)
+    if path.is_file():
+        return path
+    shipped = PROTOCOL_DIR / f"{protocol}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+    raise ConfigError(f"protocol {protocol!r}: not a file nor a shipped protocol "
+                      f"({', '.join(names) or 'none found in ' + str(PROTOCOL_DIR)})")
+
+
+def load(protocol: str) -> Protocol:
+    """Reads and checks a protocol file (YAML, read as data only)."""
+    from tfkd.distill.methods import METHODS, teachers_needed
+
+    path = resolve(protocol)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    raw = _mapping(raw, str(path))
+    _known(raw, PROTOCOL_KEYS, str(path))
+    for key in ("dataset", "epochs", "student", "teachers", "runs"):
+        if key not in raw:
+            raise ConfigError(f"{path}: missing key '{key}'")
+    teachers = {}
+    for name, entry in _mapping(raw["teachers"], f"{path}: teachers").items():
+        entry = _mapping(entry, f"{path}: teachers.{name}")
+        _known(entry, TEACHER_KEYS, f"{path}: teachers.{name}")
+        if "model" not in entry:
+            raise ConfigError(f"{path}: teachers.{name}: missing key 'model'")
+        teachers[name] = Teacher(name, entry["model"], _mapping(entry.get("set"), f"{path}: teachers.{name}.set"))
+    runs = {}
+    for name, entry in _mapping(raw["runs"], f"{path}: runs").items():
+        where = f"{path}: runs.{name}"
+        entry = _mapping(entry, where)
+        _known(entry, RUN_KEYS, where)
+        method = entry.get("method")
+        if method not in METHODS:
+            raise ConfigError(f"{where}: method {method!r}: expected one of {', '.join(METHODS)}")
+        run_teachers = list(entry.get("teachers") or [])
+        if len(run_teachers) != teachers_needed(method):
+            raise ConfigError(f"{where}: method {method} takes {teachers_needed(method)} "
+                              f"teacher(s), got {len(run_teachers)}")
+        for teacher in run_teachers:
+            if teacher not in teachers:
+                raise ConfigError(f"{where}: teacher {teacher!r} is not in teachers "
+                                  f"({', '.join(teachers)})")
+        runs[name] = Run(name, method, run_teachers, _mapping(entry.get("set"), f"{where}.set"),
+                         bool(entry.get("ablation", False)), str(entry.get("description", "")))
+    if BASELINE not in runs:
+        raise ConfigError(f"{path}: runs: a run named '{BASELINE}' (the student alone) is needed "
+                          "to report gains")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    epochs = raw["epochs"]
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"{path}: epochs: expected a positive integer, got {epochs!r}")
+    return Protocol(path.stem, path, str(raw["dataset"]), epochs, int(raw.get("batch_size", 128)),
+                    seeds, str(raw["student"]), teachers, runs, _mapping(raw.get("set"), f"{path}: set"),
+                    str(raw.get("description", "")).strip())
+
+
+def _set_flags(overrides: dict[str, Any]) -> list[str]:
+    flags = []
+    for key, value in overrides.items():
+        flags += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, bool)) or value is None else value}"]
+    return flags
+
+
+@dataclass
+class Job:
+    """One ``python -m tfkd.train`` process of the protocol."""
+
+    kind: str  # "teacher" or "student"
+    name: str
+    seed: int
+    run_dir: Path
+    args: list[str]
+
+    def done(self) -> bool:
+        """True if the run finished (its metrics.json holds the stage's result).
+
+        Raises ``ConfigError`` if the folder holds a run of other settings, so a changed
+        protocol or ``--epochs`` never reuses stale results.
+        """
+        recorded = self.run_dir / "bench_job.json"
+        if recorded.is_file() and json.loads(recorded.read_text()).get("args") != self.args:
+            raise ConfigError(f"{self.run_dir}: holds a run with other settings (see its "
+                              "bench_job.json); use another --out, or remove the folder to redo it")
+        return _result(self.run_dir, self.kind) is not None
+
+    def record(self) -> None:
+        """Writes the job's arguments beside its run (checked by ``done``)."""
+        from tfkd import io
+
+        io.write_json(self.run_dir / "bench_job.json", {"args": self.args})
+
+
+def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    stages = json.loads(path.read_text()).get("stages", {})
+    result = stages.get("teacher" if kind == "teacher" else "distill")
+    artifact = run_dir / ("teacher.keras" if kind == "teacher" else "student.keras")
+    return result if result and artifact.is_file() else None
+
+
+def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None = None,
+         seeds: Sequence[int] | None = None, only: Sequence[str] | None = None,
+         overrides: Sequence[str] = (), validation_only: bool = False) -> list[Job]:
+    """Every process the protocol needs, teachers first, in protocol order."""
+    epochs = epochs or protocol.epochs
+    seeds = list(seeds or protocol.seeds)
+    selected = [protocol.runs[name] for name in (only or protocol.runs)]
+    for name in only or []:
+        if name not in protocol.runs:
+            raise ConfigError(f"--only {name}: not a run of {protocol.name} "
+                              f"({', '.join(protocol.runs)})")
+    common = ["--dataset", protocol.dataset, "--epochs", str(epochs),
+              "--batch-size", str(protocol.batch_size), "--set", "verbose=2",
+              *(["--data-dir", data_dir] if data_dir else []),
+              *(["--set", "data.evaluate_test=false"] if validation_only else []),
+              *_set_flags(protocol.set)]
+    extra = [item for o in overrides for item in ("--set", o)]
+    needed = {t for run in selected for t in run.teachers}
+    result = []
+    for name in (t for t in protocol.teachers if t in needed):  # teachers: first seed only
+        teacher = protocol.teachers[name]
+        run_dir = out / "runs" / "teachers" / name
+        result.append(Job("teacher", name, seeds[0], run_dir, [
+            "--stage", "teacher", "--method", "cft", "--teacher-model", teacher.model,
+            "--seed", str(seeds[0]), "--run-dir", str(run_dir), *common,
+            *_set_flags(teacher.set), *extra]))
+    for run in selected:
+        for seed in seeds:
+            run_dir = out / "runs" / run.name / f"seed{seed}"
+            teacher_flags = [item for t in run.teachers
+                             for item in ("--teacher", str(out / "runs" / "teachers" / t / "teacher.keras"))]
+            result.append(Job("student", run.name, seed, run_dir, [
+                "--stage", "distill", "--method", run.method, "--student-model", protocol.student,
+                *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common,
+                *_set_flags(run.set), *extra]))
+    return result
+
+
+def _launch(job: Job) -> None:
+    command = [sys.executable, "-m", "tfkd.train", *job.args]
+    print(f"tfkd.bench: {job.kind} {job.name} seed {job.seed}: {' '.join(command[1:])}", flush=True)
+    status = subprocess.run(command).returncode
+    if status != 0:
+        raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) failed with exit code "
+                            f"{status}; see {job.run_dir}; re-run the same command to continue")
+
+
+def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: str,
+                 launch: Callable[[Job], None] = _launch) -> dict[str, Any]:
+    """Runs every unfinished job in turn (finished ones are cached), then writes the report."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [job for job in job_list if not job.done()]
+    print(f"tfkd.bench: {protocol.name}: {len(job_list) - len(pending)} of {len(job_list)} runs "
+          f"cached in {out / 'runs'}, {len(pending)} to run", flush=True)
+    for job in tqdm(pending, desc=protocol.name, unit="run", disable=not pending):
+        job.record()
+        launch(job)
+        if not job.done():
+            raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "
+                                f"results in {job.run_dir}/metrics.json")
+    return report(protocol, out, job_list, command)
+
+
+def _machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_count": os.cpu_count(), "cpu_model": model, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _summary(values: list[float | None]) -> dict[str, Any]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    return {"mean": statistics.fmean(present), "std": std, "n": len(present)}
+
+
+def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> dict[str, Any]:
+    """Collects the finished runs into results.json, results.md and results.png in ``out``."""
+    from tfkd import io
+
+    teachers, runs = {}, {}
+    for job in job_list:
+        result = _result(job.run_dir, job.kind) or {}
+        if job.kind == "teacher":
+            teachers[job.name] = {key: result.get(key) for key in (
+                "model", "lambda_cls", "lambda_rec", "val_accuracy", "test_accuracy", "test_psnr",
+                "params", "train_images_per_second", "wall_seconds")}
+            continue
+        entry = runs.setdefault(job.name, {
+            "method": protocol.runs[job.name].method, "teachers": protocol.runs[job.name].teachers,
+            "set": protocol.runs[job.name].set, "ablation": protocol.runs[job.name].ablation,
+            "description": protocol.runs[job.name].description, "seeds": {}})
+        entry["seeds"][str(job.seed)] = {key: result.get(key) for key in (
+            "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds")}
+    for entry in runs.values():
+        for split in ("val", "test"):
+            entry[split] = _summary([s[f"{split}_accuracy"] for s in entry["seeds"].values()])
+    base = runs.get(BASELINE, {})
+    for entry in runs.values():
+        for split in ("val", "test"):
+            mean, ref = entry[split]["mean"], base.get(split, {}).get("mean")
+            entry[split]["gain_over_student"] = None if mean is None or ref is None else mean - ref
+    kd_gain = runs.get("kd", {}).get("test", {}).get("gain_over_student")
+    cft_gain = runs.get("cft", {}).get("test", {}).get("gain_over_student")
+    results = {
+        "protocol": protocol.name, "protocol_file": str(protocol.path),
+        "description": protocol.description, "dataset": protocol.dataset,
+        "student": protocol.student,
+        "epochs": _first_epochs(job_list, protocol), "batch_size": protocol.batch_size,
+        "seeds": sorted({job.seed for job in job_list if job.kind == "student"}),
+        "command": command,
+        "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "machine": _machine(),
+        "complete": all(job.done() for job in job_list),
+        "teachers": teachers, "runs": runs,
+        "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
+    }
+    io.write_json(out / "results.json", results)
+    io.write_text(out / "results.md", markdown(results))
+    plot(results, out / "results.png")
+    return results
+
+
+def _first_epochs(job_list: list[Job], protocol: Protocol) -> int:
+    for job in job_list:
+        if "--epochs" in job.args:
+            return int(job.args[job.args.index("--epochs") + 1])
+    return protocol.epochs
+
+
+def _pct(value: float | None, std: float | None = None, n: int = 1, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    text = f"{value * 100:+.2f}" if signed else f"{value * 100:.2f}"
+    return text + (f" ± {std * 100:.2f}" if n > 1 and std is not None else "")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as Markdown: teachers, then one row per student run."""
+    machine = results["machine"]
+    lines = [f"# {results['protocol']}: {results['dataset']}, student {results['student']}, "
+             f"{results['epochs']} epochs, batch {results['batch_size']}, "
+             f"seeds {', '.join(map(str, results['seeds']))}", ""]
+    if not results["complete"]:
+        lines += ["**Incomplete**: some runs have not finished; missing figures show as —.", ""]
+    lines += ["| teacher | model | lambda_cls | lambda_rec | val top-1 % | test top-1 % | test PSNR dB |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in results["teachers"].items():
+        psnr = "—" if t.get("test_psnr") is None or not t.get("lambda_rec") else f"{t['test_psnr']:.2f}"
+        lines.append(f"| {name} | {t.get('model') or '—'} | {t.get('lambda_cls', '—')} | "
+                     f"{t.get('lambda_rec', '—')} | {_pct(t.get('val_accuracy'))} | "
+                     f"{_pct(t.get('test_accuracy'))} | {psnr} |")
+    lines += ["", "| run | method | teachers | overrides | val top-1 % | test top-1 % | "
+                  "test gain over student (pt) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in results["runs"].items():
+        overrides = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "—"
+        test = r["test"]
+        lines.append(f"| {name}{' (ablation)' if r['ablation'] else ''} | {r['method']} | "
+                     f"{', '.join(r['teachers']) or '—'} | {overrides} | "
+                     f"{_pct(r['val']['mean'], r['val']['std'], r['val']['n'])} | "
+                     f"{_pct(test['mean'], test['std'], test['n'])} | "
+                     f"{_pct(test['gain_over_student'], signed=True)} |")
+    ratio = results.get("cft_gain_over_kd_gain")
+    lines += ["", f"cft's gain over the student alone / kd's gain: "
+                  f"{'—' if ratio is None else f'{ratio:.2f}x'}", "",
+              f"Command: `{results['command']}`  ",
+              f"Commit: `{results['git_commit']}`, date {results['date']}  ",
+              f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
+              f"Python {machine['python']}", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Bar chart of every run's test accuracy, labelled with its gain over the student alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfkd import io
+
+    names = list(results["runs"])
+    means = [(results["runs"][n]["test"]["mean"] or 0.0) * 100 for n in names]
+    stds = [(results["runs"][n]["test"]["std"] or 0.0) * 100 for n in names]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
+    colors = ["#999999" if n == BASELINE else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
+              for n in names]
+    bars = ax.bar(names, means, yerr=stds if any(stds) else None, color=colors, capsize=3)
+    for bar, name in zip(bars, names):
+        gain = results["runs"][name]["test"]["gain_over_student"]
+        label = "—" if results["runs"][name]["test"]["mean"] is None else (
+            "alone" if name == BASELINE else f"{gain * 100:+.2f}")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    present = [m for m in means if m > 0]
+    if present:
+        ax.set_ylim(max(0.0, min(present) - 5), min(100.0, max(present) + 3))
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{results['protocol']}: {results['student']} student, {results['epochs']} epochs "
+                 "(label: gain over the student alone, pt)", fontsize=9)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
