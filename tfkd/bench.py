@@ -8,8 +8,9 @@ once, then every student method, each run cached in ``OUT/runs``; writes ``resul
 step on the same data, and their ratio (the pipeline must not be what limits training).
 
 ``speed``: training images per second of every method's step on one teacher and student, next
-to a ``keras.distillation.Distiller`` KD step on the same pair, all in one process, with each
-figure's ratio to the Keras KD step.
+to a ``keras.distillation.Distiller`` KD step on the same pair and the input pipeline alone, all
+in one process, as ratios to the Keras KD step; then batch-1 inference latency of the student
+and the teacher in ONNX Runtime and LiteRT (fp32 and int8), as teacher/student ratios.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         return keras.Model(model.input, model.output["logits"])
 
     rates: dict[str, float] = {}
+    student_model = models.get(args.student_model, 10)
     reference = keras.distillation.Distiller(
-        teacher=logits_only(teacher), student=logits_only(models.get(args.student_model, 10)),
+        teacher=logits_only(teacher), student=logits_only(student_model),
         distillation_losses=keras.distillation.LogitsDistillation(
             temperature=4.0, loss=keras.losses.KLDivergence()),
         student_loss_weight=0.1)
@@ -106,12 +108,54 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
         distiller.build_all()
         rates[method] = _fit_rate(distiller, batch, args.steps)
+    if args.pipeline_batches:
+        from tfkd import data as data_lib
+
+        data = data_lib.prepare(args.dataset, args.data_dir, validation_fraction=0.1)
+        rates["input_pipeline"] = _pipeline_rate(data.train_dataset(args.batch_size),
+                                                 args.pipeline_batches)
     base = rates["keras_distiller_kd"]
-    result = {"teacher": args.teacher_model, "student": args.student_model,
-              "batch_size": args.batch_size, "steps": args.steps, "cpu_count": os.cpu_count(),
-              "images_per_second": {k: round(v, 1) for k, v in rates.items()},
-              "ratio_to_keras_distiller_kd": {k: round(v / base, 3) for k, v in rates.items()}}
+    result: dict[str, Any] = {
+        "teacher": args.teacher_model, "student": args.student_model,
+        "batch_size": args.batch_size, "steps": args.steps, "cpu_count": os.cpu_count(),
+        "training_images_per_second": {k: round(v, 1) for k, v in rates.items()},
+        "training_ratio_to_keras_distiller_kd": {k: round(v / base, 3) for k, v in rates.items()}}
+    if "student" in rates:
+        result["training_ratio_to_student_alone"] = {k: round(v / rates["student"], 3)
+                                                     for k, v in rates.items()}
+    if args.latency_runs:
+        latency = {name: _latencies(model, args.latency_runs)
+                   for name, model in (("student", student_model), ("teacher", teacher))}
+        result["inference_batch1_ms"] = latency
+        result["inference_teacher_over_student"] = {
+            fmt: round(latency["teacher"][fmt] / latency["student"][fmt], 2) for fmt in latency["student"]}
     print(json.dumps(result, indent=2))
+    return result
+
+
+def _latencies(backbone: Any, runs: int) -> dict[str, float]:
+    """Batch-1 latency (median ms) of ``backbone`` exported as the deployed contract."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from tfkd import export
+
+    model = export.deployable(backbone, [127.5] * 3, [64.0] * 3)
+    image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved_model"
+        export.export_saved_model(model, saved)
+        for mode in ("fp32", "int8"):
+            path = Path(tmp) / f"model_{mode}.tflite"
+            path.write_bytes(export.convert_tflite(saved, mode, image[None].repeat(20, 0)))
+            result[f"tflite_{mode}"] = round(export.batch1_latency_ms(
+                export.tflite_runner(path), image, runs), 3)
+        export.convert_onnx(saved, Path(tmp) / "model.onnx")
+        result["onnx"] = round(export.batch1_latency_ms(
+            export.runner("onnx", Path(tmp) / "model.onnx"), image, runs), 3)
     return result
 
 
@@ -172,6 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per method")
     p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
                    help="methods to time")
+    p.add_argument("--dataset", default="cifar10" if os.environ.get("TFKD_CIFAR10_DIR") else "digits",
+                   help="dataset of the input-pipeline measurement (default: cifar10 when "
+                        "$TFKD_CIFAR10_DIR is set, else digits)")
+    p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
+                   help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR)")
+    p.add_argument("--pipeline-batches", type=int, default=200,
+                   help="input-pipeline batches to time (0: skip)")
+    p.add_argument("--latency-runs", type=int, default=200,
+                   help="timed batch-1 inference calls per format (0: skip the latency part)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from tfkd.errors import TfkdError
