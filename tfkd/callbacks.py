@@ -1,7 +1,9 @@
-"""Keras callbacks for cross-cutting work: pictures at the end of training, throughput."""
+"""Keras callbacks for cross-cutting work: pictures at the end of training, throughput, the
+NaN guard and the run's status file."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,51 @@ class ThroughputMeter(keras.callbacks.Callback):
         seconds, batches = (self.seconds[1:], self.batches[1:]) if len(self.seconds) > 1 else (
             self.seconds, self.batches)
         return sum(batches) * self.batch_size / max(sum(seconds), 1e-9)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss with a message naming the epoch and step.
+
+    It raises ``TrainingError`` from inside ``fit`` so that no later callback runs: unlike
+    ``keras.callbacks.TerminateOnNaN`` (which lets the epoch end), ``BackupAndRestore`` never
+    saves the broken weights and its last backup, from the last good epoch, is kept.
+    """
+
+    def __init__(self, stage: str, backup: str | Path) -> None:
+        super().__init__()
+        self.stage, self.backup, self._epoch = stage, Path(backup), 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            from tfkd.errors import TrainingError
+
+            kept = (f"the last good backup (end of epoch {self._epoch}) is kept in {self.backup}"
+                    if self._epoch else "no epoch had finished, so there is no backup")
+            raise TrainingError(f"{self.stage}: the loss became {float(loss)} in epoch "
+                                f"{self._epoch + 1}, step {batch + 1}; {kept}; lower the learning "
+                                "rate and re-run")
+
+
+class RunStatus(keras.callbacks.Callback):
+    """Keeps ``status.json`` in the run folder up to date: stage, phase (train, validate) and
+    epoch, written atomically, for people and tools watching a long run."""
+
+    def __init__(self, path: str | Path, stage: str, epochs: int) -> None:
+        super().__init__()
+        self.path, self.stage, self.epochs, self._epoch = Path(path), stage, epochs, 0
+
+    def write(self, phase: str) -> None:
+        """Records ``phase`` of the current epoch."""
+        io.write_json(self.path, {"stage": self.stage, "phase": phase, "epoch": self._epoch + 1,
+                                  "epochs": self.epochs, "time": time.time()})
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        self.write("train")
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.write("validate")

@@ -135,6 +135,8 @@ class RunConfig:
     strategy: str = option("auto", "tf.distribute strategy: auto (multiworker when TF_CONFIG is "
                                    "set, mirrored on several GPUs, else default), default, "
                                    "mirrored or multiworker")
+    deterministic: bool = option(False, "TensorFlow op determinism: with the same seed, two runs "
+                                         "on the same machine give identical results (slower)")
     sync_batchnorm: bool = option(False, "batch statistics over the global batch across replicas")
     verbose: Optional[int] = option(None, "Keras progress output: 0 silent, 1 bar, 2 one line per "
                                           "epoch; unset: bar on a terminal, lines otherwise")

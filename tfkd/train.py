@@ -17,6 +17,7 @@ Run directory layout (every file written atomically):
 - ``reconstructions.png``: test images over the teacher's reconstructions
 - ``export/``: SavedModel, TFLite, ONNX, labels and model card (see ``tfkd.export``)
 - ``metrics.json``: the last stage's headline metrics at top level, every stage's under ``stages``
+- ``status.json``: what the run is doing now (stage, phase, epoch), or ``done``
 
 A stage whose artifact already exists is skipped, so re-running a finished command is cheap
 and re-running an interrupted one continues where it stopped.
@@ -55,6 +56,8 @@ FLAGS = {
     "--run-dir": ("run_dir", "output folder; re-running the same command resumes there"),
     "--strategy": ("strategy", "tf.distribute strategy: auto, default, mirrored, multiworker"),
     "--seed": ("seed", "random seed"),
+    "--deterministic": ("deterministic", "deterministic ops: two runs with the same --seed write "
+                                         "identical metrics (slower)"),
 }
 TRAINING_SECTIONS = ("teacher", "student")
 
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = config_lib.STRATEGIES
         if flag == "--teacher":
             kwargs["action"] = "append"
+        if flag == "--deterministic":
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
         parser.add_argument(flag, **kwargs)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any option, e.g. --set teacher.lambda_rec=0 (repeatable)")
@@ -152,9 +158,11 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer)
     val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
     meter = callbacks.ThroughputMeter(batch)
+    status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
     cbs = [
         keras.callbacks.BackupAndRestore(str(out_dir / "backup" / stage), double_checkpoint=True),
-        keras.callbacks.TerminateOnNaN(),
+        callbacks.NanGuard(stage, out_dir / "backup" / stage),
+        status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
         meter, *extra_callbacks,
@@ -164,9 +172,11 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
                         verbose=verbose, shuffle=False).history  # the dataset shuffles itself
     _remove_if_empty(out_dir / "backup")
     _check_finite(history, stage)
+    status.write("evaluate")
     test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
         if cfg.data.evaluate_test else {}
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+    status.write("save")
     return history, val, test, meter
 
 
@@ -318,6 +328,12 @@ def _trained_teacher(run_dir: Path, out_dir: Path, name: str) -> Path:
     return local if local.is_file() else run_dir / f"{name}.keras"
 
 
+def _done(run_dir: Path, stage: str) -> None:
+    from tfkd import io
+
+    io.write_json(run_dir / "status.json", {"stage": stage, "phase": "done", "time": time.time()})
+
+
 def _skip(artifact: Path, stage: str) -> bool:
     if artifact.is_file():
         print(f"tfkd: {artifact} exists: skipping the {stage} stage (remove it, or choose "
@@ -338,6 +354,10 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     from tfkd.distill import teachers_needed
 
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
     run_dir = Path(cfg.run_dir)
     data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
@@ -359,6 +379,7 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
             metrics = train_teacher(cfg, data, strategy, out_dir, name, lambda_cls, lambda_rec)
             if chief:
                 _update_metrics(run_dir, name, metrics)
+                _done(run_dir, name)
     if cfg.stage in ("distill", "all"):
         teacher_paths = list(cfg.distill.teachers) or (
             [_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan] if needed else [])
@@ -367,6 +388,7 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
         metrics = train_student(cfg, data, strategy, out_dir, teacher_paths)
         if chief:
             _update_metrics(run_dir, "distill", metrics)
+            _done(run_dir, "distill")
     if cfg.stage in ("export", "all") and chief:
         metrics = export_student(cfg, run_dir, data)
     return metrics

@@ -1,0 +1,101 @@
+"""Reliability: NaN guard, repeatable runs, run status, kills at three points of a run."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfkd import callbacks, train
+from tfkd.errors import TrainingError
+
+FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "verbose=0"]
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "tfkd.train", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+class ExplodingRate(keras.optimizers.schedules.LearningRateSchedule):
+    """A sane rate, then an absurd one from ``step`` on: the loss stops being finite."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def __call__(self, step):
+        return tf.where(step >= self.step, 1e30, 0.01)
+
+    def get_config(self):
+        return {"step": self.step}
+
+
+def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_backup(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    def build():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                 keras.layers.Dense(2)])
+
+    model = build()
+    model.compile(keras.optimizers.SGD(ExplodingRate(7)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    backup = tmp_path / "backup"
+    cbs = [keras.callbacks.BackupAndRestore(str(backup)), callbacks.NanGuard("teacher", backup)]
+    with pytest.raises(TrainingError) as error:  # 5 steps per epoch: breaks in epoch 2
+        model.fit(x, y, batch_size=8, epochs=5, callbacks=cbs, verbose=0, shuffle=False)
+    message = str(error.value)
+    assert "in epoch 2, step" in message and "end of epoch 1" in message and "\n" not in message
+    step = int(message.split("step ")[1].split(";")[0])
+    assert 3 <= step <= 5  # rate jumps at global step 7 (epoch 2, step 3); loss breaks at once or next
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1  # epochs done
+    restored = build()
+    restored.load_weights(str(backup / "latest.weights.h5"))
+    assert all(np.isfinite(w).all() for w in restored.get_weights())
+
+
+def test_nan_loss_in_a_real_run_exits_5_with_epoch_and_step(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("--stage", "teacher", "--run-dir", str(run_dir), "--epochs", "2", *FAST,
+                     "--set", "teacher.optimizer.learning_rate=1e12")
+    assert result.returncode == 5, result.stderr[-1500:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tfkd: error: teacher: the loss became") and "in epoch 1, step" in last
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "teacher.keras").exists()
+
+
+def _metrics_without_timing(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text().replace(str(run_dir), "RUN"))
+
+    def strip(d):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in ("wall_seconds", "train_images_per_second")}
+    return strip(metrics)
+
+
+def test_deterministic_runs_write_identical_metrics(tmp_path):
+    args = ["--stage", "all", "--method", "cft", "--epochs", "2", "--seed", "3", "--deterministic",
+            *FAST, "--set", "export.formats=[fp32]", "--set", "export.max_test_images=50",
+            "--set", "data.validation_fraction=0.2"]
+    first = run_cli("--run-dir", str(tmp_path / "a"), *args)
+    second = run_cli("--run-dir", str(tmp_path / "b"), *args)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-1500:]
+    a, b = _metrics_without_timing(tmp_path / "a"), _metrics_without_timing(tmp_path / "b")
+    assert a["stages"]["teacher"]["test_accuracy"] > 0.1
+    for stage in ("teacher", "distill"):
+        for key in ("val_accuracy", "test_accuracy", "test_loss"):
+            assert a["stages"][stage][key] == b["stages"][stage][key], (stage, key)
+    a["stages"].pop("export"), b["stages"].pop("export")  # holds latencies
+    a.pop("export"), b.pop("export")
+    assert a == b
