@@ -99,3 +99,86 @@ def test_deterministic_runs_write_identical_metrics(tmp_path):
     a["stages"].pop("export"), b["stages"].pop("export")  # holds latencies
     a.pop("export"), b.pop("export")
     assert a == b
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("teacher")
+    assert train.main(["--stage", "teacher", "--run-dir", str(run_dir), "--epochs", "3", *FAST]) == 0
+    return run_dir / "teacher.keras"
+
+
+def _distill_args(run_dir, teacher):
+    return ["--stage", "distill", "--method", "cft", "--teacher", str(teacher), "--student-model",
+            "resnet8", "--epochs", "5", "--run-dir", str(run_dir), *FAST]
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_at(args, run_dir, point):
+    """Starts the run and SIGKILLs it at ``point``: mid-epoch, just after an epoch's backup, or
+    during the final evaluation. Returns what status.json said at the kill."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "tfkd.train", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = run_dir / "backup" / "distill" / "training_metadata.json"
+    deadline, seen = time.time() + 300, {}
+    while time.time() < deadline and proc.poll() is None:
+        seen = _read_json(run_dir / "status.json")
+        if point == "epoch" and seen.get("phase") == "train" and seen.get("epoch", 0) >= 3:
+            time.sleep(0.3)  # into the epoch's batches
+            break
+        if point == "checkpoint" and _read_json(metadata).get("epoch", 0) >= 2:
+            break
+        if point == "evaluate" and seen.get("phase") == "evaluate":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be killed at {point}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return seen
+
+
+def _check_run_dir(run_dir):
+    """Every file of a finished run is complete: JSON/YAML/CSV parse, the model loads."""
+    import yaml
+
+    assert not [p for p in run_dir.rglob(".tmp-*")], "a temporary file was left behind"
+    assert not (run_dir / "backup").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert json.loads((run_dir / "status.json").read_text())["phase"] == "done"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["student"]["epochs"] == 5
+    json.loads((run_dir / "dataset.json").read_text())
+    with open(run_dir / "distill_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(float(r["val_accuracy"]) >= 0 for r in rows)
+    student = keras.saving.load_model(run_dir / "student.keras", safe_mode=True)
+    return metrics, rows, student
+
+
+def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path, digits_teacher):
+    reference_dir = tmp_path / "reference"
+    assert run_cli(*_distill_args(reference_dir, digits_teacher)).returncode == 0
+    reference, _, _ = _check_run_dir(reference_dir)
+    outcomes = {}
+    for point in ("epoch", "checkpoint", "evaluate"):
+        run_dir = tmp_path / point
+        args = _distill_args(run_dir, digits_teacher)
+        at_kill = _kill_at(args, run_dir, point)
+        assert not (run_dir / "student.keras").exists()
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr[-1500:]
+        metrics, rows, _ = _check_run_dir(run_dir)
+        epochs = [int(r["epoch"]) for r in rows]
+        assert metrics["epochs"] == 5 and epochs[-1] == 4 and sorted(set(epochs)) == [0, 1, 2, 3, 4]
+        assert len(epochs) <= 6  # at most the killed epoch is logged twice: resumed, not restarted
+        outcomes[point] = (at_kill, metrics["epochs_run_here"], metrics["test_accuracy"])
+        if point == "evaluate":
+            assert metrics["epochs_run_here"] == 0  # training had finished: only evaluation re-ran
+        assert abs(metrics["test_accuracy"] - reference["test_accuracy"]) <= 0.05, outcomes
+    print("reference", reference["test_accuracy"], "outcomes", outcomes)

@@ -122,7 +122,7 @@ def _kill_when_epoch_backed_up(args, backup, min_epoch=2):
     proc.wait()
 
 
-@pytest.mark.parametrize("stage", ["teacher", "distill"])
+@pytest.mark.parametrize("stage", ["teacher"])  # distill: test_reliability kills it at three points
 def test_killed_run_resumes_from_its_backup(tmp_path, digits_run, stage):
     """SIGKILL mid-training, re-run the same command: it continues from the last backup."""
     run_dir = tmp_path / "run"

@@ -160,7 +160,10 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
     cbs = [
-        keras.callbacks.BackupAndRestore(str(out_dir / "backup" / stage), double_checkpoint=True),
+        # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
+        # killed during the final evaluation resumes there instead of training again.
+        keras.callbacks.BackupAndRestore(str(out_dir / "backup" / stage), double_checkpoint=True,
+                                         delete_checkpoint=False),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
@@ -170,7 +173,6 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     verbose = cfg.verbose if cfg.verbose is not None else (1 if sys.stdout.isatty() else 2)
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
                         verbose=verbose, shuffle=False).history  # the dataset shuffles itself
-    _remove_if_empty(out_dir / "backup")
     _check_finite(history, stage)
     status.write("evaluate")
     test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
@@ -209,6 +211,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
     with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: scratch)
         teacher.save(tmp)
+    _drop_backup(out_dir, name)
     return {
         "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
         "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
@@ -289,6 +292,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: scratch)
         student.save(tmp)
+    _drop_backup(out_dir, "distill")
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
     return {
         "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
@@ -299,6 +303,14 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "train_images_per_second": meter.images_per_second, **last,
         "wall_seconds": time.perf_counter() - start,
     }
+
+
+def _drop_backup(out_dir: Path, stage: str) -> None:
+    """Removes a stage's backup once its artifact is saved (it is no longer needed to resume)."""
+    import shutil
+
+    shutil.rmtree(out_dir / "backup" / stage, ignore_errors=True)
+    _remove_if_empty(out_dir / "backup")
 
 
 def _remove_if_empty(folder: Path) -> None:
