@@ -182,3 +182,94 @@ def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path
             assert metrics["epochs_run_here"] == 0  # training had finished: only evaluation re-ran
         assert abs(metrics["test_accuracy"] - reference["test_accuracy"]) <= 0.05, outcomes
     print("reference", reference["test_accuracy"], "outcomes", outcomes)
+
+
+def _fake_cifar(folder, labels=None, n=20):
+    import pickle
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
+                 b"labels": list(labels if labels is not None else rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
+    return folder
+
+
+def _image_folder(root, broken=None):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    if broken:
+        (root / "train" / "a" / broken[0]).write_bytes(broken[1])
+    return root
+
+
+def _truncated(root):
+    folder = _fake_cifar(root / "c")
+    (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:500])
+    return ["--dataset", "cifar10", "--data-dir", str(folder)]
+
+
+BROKEN_JPEG = b"\xff\xd8\xff\xe0 cut short"
+#: Hostile inputs to python -m tfkd.train: (case, arguments made in tmp_path, exit code, message).
+HOSTILE_TRAIN = [
+    ("missing data dir", lambda d: ["--dataset", "cifar10", "--data-dir", str(d / "nope")], 3,
+     "nope: data directory not found"),
+    ("empty data dir", lambda d: (d / "empty").mkdir() or ["--dataset", "cifar10", "--data-dir", str(d / "empty")],
+     3, "missing CIFAR batch file"),
+    ("empty data path", lambda d: ["--dataset", "cifar10", "--data-dir", ""], 2,
+     "option 'data.data_dir' = ''"),
+    ("empty run dir", lambda d: ["--run-dir", " "], 2, "option 'run_dir'"),
+    ("truncated CIFAR batch", _truncated, 3, "data_batch_2: unreadable CIFAR batch file"),
+    ("labels out of range", lambda d: ["--dataset", "cifar10", "--data-dir", str(_fake_cifar(d / "c", [10] * 20))],
+     3, "labels must be in 0..9"),
+    ("corrupt PNG", lambda d: ["--dataset", f"folder:{_image_folder(d / 'f', ('x.png', b'junk'))}"], 3,
+     "x.png: unreadable image"),
+    ("corrupt JPEG", lambda d: ["--dataset", "folder:" + str(_image_folder(d / "f", ("x.jpg", BROKEN_JPEG)))],
+     3, "x.jpg: unreadable image"),
+    ("missing image folder", lambda d: ["--dataset", f"folder:{d / 'none'}"], 3, "image folder not found"),
+    ("unknown config key", lambda d: ["--set", "teacher.epoch=3"], 2, "key 'teacher.epoch'"),
+    ("mistyped config value", lambda d: ["--set", "data.batch_size=zero"], 2, "--set data.batch_size=zero"),
+    ("negative epochs", lambda d: ["--epochs", "-2"], 2, "option 'teacher.epochs' = -2"),
+    ("NaN learning rate", lambda d: ["--set", "student.optimizer.learning_rate=nan"], 2,
+     "student.optimizer.learning_rate"),
+    ("config file not YAML", lambda d: (d / "c.yaml").write_text("a: [1,") and ["--config", str(d / "c.yaml")], 2,
+     "not valid YAML"),
+    ("config file a list", lambda d: (d / "c.yaml").write_text("[1, 2]") and ["--config", str(d / "c.yaml")], 2,
+     "expected a mapping"),
+    ("unknown method", lambda d: ["--method", "magic"], 2, "option 'distill.method' = 'magic'"),
+]
+
+
+@pytest.mark.parametrize("case,make,code,match", HOSTILE_TRAIN, ids=[c[0] for c in HOSTILE_TRAIN])
+def test_hostile_train_inputs_exit_with_one_line_and_write_nothing(tmp_path, capsys, case, make, code, match):
+    run_dir = tmp_path / "run"
+    args = make(tmp_path)
+    if "--run-dir" not in args:
+        args = ["--run-dir", str(run_dir), *args]
+    assert train.main([*args, "--epochs", "1", *FAST] if "--epochs" not in args else [*args, *FAST]) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tfkd: error: ") and match in err and "\n" not in err, err
+    assert not run_dir.exists()
+
+
+def test_hostile_export_inputs(tmp_path, capsys):
+    from tfkd import export, models
+    from tfkd.teacher import ReconstructionTeacher
+
+    ReconstructionTeacher(models.get("resnet8", 10)).save(tmp_path / "teacher.keras")
+    (tmp_path / "junk.keras").write_bytes(b"junk")
+    cases = [(tmp_path / "teacher.keras", "this is a teacher"), (tmp_path / "junk.keras", "not a loadable"),
+             (tmp_path / "none.keras", "not found")]
+    for source, match in cases:
+        assert export.main([str(source), "--out", str(tmp_path / "out")]) == 4
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tfkd: error: ") and match in err and "\n" not in err, err
+        assert not (tmp_path / "out").exists()

@@ -228,7 +228,10 @@ def validate(config: RunConfig) -> None:
     _check(config.stage in STAGES, "stage", config.stage, f"one of {', '.join(STAGES)}")
     _check(config.strategy in STRATEGIES, "strategy", config.strategy,
            f"one of {', '.join(STRATEGIES)}")
+    _check(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "a folder path")
     data = config.data
+    _check(data.data_dir is None or bool(data.data_dir.strip()), "data.data_dir", data.data_dir,
+           "a folder path, or unset for TensorFlow Datasets")
     dataset_ok = data.dataset in ("cifar10", "cifar100", "digits") or (
         data.dataset.startswith("folder:") and len(data.dataset) > len("folder:"))
     _check(dataset_ok, "data.dataset", data.dataset, "cifar10, cifar100, digits or folder:PATH")
