@@ -117,7 +117,8 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     student, run_dir = export.load_student(model_path)
     cfg = config_lib.load(str(run_dir / "config.yaml"))
     data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
-                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
+                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip,
+                                cfg.data.subset)
     info = json.loads((run_dir / "dataset.json").read_text())
     teacher = load_teacher(teacher_path, data) if teacher_path else None
     legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes)

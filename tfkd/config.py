@@ -49,6 +49,8 @@ class DataConfig:
                                  "the models' input size")
     validation_fraction: float = option(0.1, "fraction of the training split held out, "
                                              "stratified and seeded, for validation (0: none)")
+    subset: float = option(1.0, "fraction of the training and test splits to use (stratified, "
+                                "seeded), for quick trials; 1: all")
     batch_size: int = option(128, "global batch size, split across replicas")
     augment: bool = option(True, "reflect-pad 4 + random crop (+ horizontal flip) on training data")
     hflip: Optional[bool] = option(None, "random horizontal flips; unset: on for every dataset "
@@ -120,7 +122,8 @@ class ExportConfig:
     opset: int = option(17, "ONNX opset")
     representative: int = option(500, "training images that calibrate the int8 model")
     int8_io: str = option("float32", "model_int8.tflite input/output type: float32, int8 or uint8")
-    tolerance: float = option(1e-4, "max abs logit difference allowed between Keras and an fp32 "
+    tolerance: float = option(1e-4, "max abs logit difference (times the largest |logit| when "
+                                    "that exceeds 1) allowed between Keras and an fp32 "
                                     "format")
     max_test_images: int = option(0, "verify on the first N test images (0: all)")
 
@@ -238,6 +241,7 @@ def validate(config: RunConfig) -> None:
     _check(data.image_size >= 8, "data.image_size", data.image_size, "an integer >= 8")
     _check(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction",
            data.validation_fraction, "a fraction in [0, 1)")
+    _check(0.0 < data.subset <= 1.0, "data.subset", data.subset, "a fraction in (0, 1]")
     _check(data.batch_size >= 1, "data.batch_size", data.batch_size, "a positive integer")
     _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "an integer >= 0")
     teacher = config.teacher

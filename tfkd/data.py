@@ -278,13 +278,18 @@ class Data:
 
 def prepare(dataset: str, data_dir: Optional[str] = None, image_size: int = 32,
             validation_fraction: float = 0.1, seed: int = 0,
-            hflip: Optional[bool] = None) -> Data:
+            hflip: Optional[bool] = None, subset: float = 1.0) -> Data:
     """Loads ``dataset``, carves a stratified seeded validation split from train and computes
-    the per-channel normalization on what remains for training."""
+    the per-channel normalization on what remains for training. ``subset`` < 1 keeps that
+    stratified fraction of the training and test splits (quick trials, notebooks)."""
     from sklearn.model_selection import train_test_split
 
     source = load_source(dataset, data_dir, image_size)
     xtr, ytr = source.train_images, source.train_labels
+    xte, yte = source.test_images, source.test_labels
+    if subset < 1.0:
+        xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=subset, stratify=ytr, random_state=seed)
+        xte, _, yte, _ = train_test_split(xte, yte, train_size=subset, stratify=yte, random_state=seed)
     if xtr.shape[1:3] != (image_size, image_size) and not dataset.startswith("folder:"):
         xtr_shape = xtr.shape[1:3]
         raise DataError(f"{dataset}: images are {xtr_shape[0]}x{xtr_shape[1]}, the run expects "
@@ -300,6 +305,6 @@ def prepare(dataset: str, data_dir: Optional[str] = None, image_size: int = 32,
     mean = pixels.mean(axis=0).astype(np.float32)
     std = np.maximum(pixels.std(axis=0), 1e-3).astype(np.float32)
     return Data(name=dataset, train_images=xtr, train_labels=ytr, val_images=xval, val_labels=yval,
-                test_images=source.test_images, test_labels=source.test_labels,
+                test_images=xte, test_labels=yte,
                 class_names=source.class_names, mean=mean, std=std,
                 hflip=(dataset != "digits") if hflip is None else hflip)

@@ -373,7 +373,8 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     chief = is_chief(strategy)
     run_dir = Path(cfg.run_dir)
     data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
-                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip)
+                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip,
+                                cfg.data.subset)
     out_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="tfkd-worker-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if chief:
