@@ -243,3 +243,50 @@ def test_multiworker_distillation_on_two_local_workers(tmp_path):
     assert (run_dir / "teacher.keras").is_file() and (run_dir / "student.keras").is_file()
     assert (run_dir / "export" / "model_fp32.tflite").is_file()  # the chief exports
     assert "tfkd: done" in outputs[0][0]
+
+
+def test_multiworker_training_survives_a_killed_worker(tmp_path):
+    """Two workers; worker 1 is SIGKILLed mid-training; the survivor fails (its collectives lose
+    their peer) or is stopped; both restart with the same command and finish from the last
+    backup (TensorFlow's BackupAndRestore fault tolerance)."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    run_dir = tmp_path / "mw"
+    args = [sys.executable, "-m", "tfkd.train", "--strategy", "multiworker", "--stage", "teacher",
+            "--run-dir", str(run_dir), "--epochs", "6", *FAST]
+
+    def start(index):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(0), start(1)]
+    metadata = run_dir / "backup" / "teacher" / "training_metadata.json"
+    deadline = time.time() + 400
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        try:
+            if json.loads(metadata.read_text()).get("epoch", 0) >= 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    assert all(p.poll() is None for p in procs), "training ended before the kill"
+    time.sleep(0.5)  # into the next epoch
+    procs[1].send_signal(signal.SIGKILL)
+    try:
+        procs[0].wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        procs[0].send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate()
+    assert not (run_dir / "teacher.keras").exists()
+    backed_up = json.loads(metadata.read_text())["epoch"]
+    procs = [start(0), start(1)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 6 and metrics["epochs_run_here"] == 6 - backed_up
+    with open(run_dir / "teacher_log.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    assert epochs[-1] == 5 and sorted(set(epochs)) == list(range(6))
+    assert keras.saving.load_model(run_dir / "teacher.keras") is not None

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -209,7 +208,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
     history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
-    with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: scratch)
+    with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         teacher.save(tmp)
     _drop_backup(out_dir, name)
     return {
@@ -290,7 +289,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
         distiller.build_all()
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
-    with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: scratch)
+    with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         student.save(tmp)
     _drop_backup(out_dir, "distill")
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
@@ -356,7 +355,7 @@ def _skip(artifact: Path, stage: str) -> bool:
 
 def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     """Runs the configured stage(s); returns the metrics of the last stage run."""
-    from tfkd.strategy import is_chief, make_strategy
+    from tfkd.strategy import is_chief, make_strategy, task_name
 
     strategy = make_strategy(cfg.strategy)  # first: multi-worker must start before other ops
     import keras
@@ -375,7 +374,9 @@ def run(cfg: config_lib.RunConfig) -> dict[str, Any]:
     data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
                             cfg.data.validation_fraction, cfg.seed, cfg.data.hflip,
                                 cfg.data.subset)
-    out_dir = run_dir if chief else Path(tempfile.mkdtemp(prefix="tfkd-worker-"))
+    # A non-chief worker writes its own copies (never read by users) in a folder of its own that
+    # survives a restart: its backups let it resume at the same epoch as the chief.
+    out_dir = run_dir if chief else run_dir / ".workers" / task_name(strategy)
     out_dir.mkdir(parents=True, exist_ok=True)
     if chief:
         io.write_text(run_dir / "config.yaml", config_lib.to_yaml(cfg))
