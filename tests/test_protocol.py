@@ -167,3 +167,15 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     assert (out / "runs/kd/seed0/student.keras").is_file()
     stale = _bench(["--protocol", str(path), "--out", str(out), "--epochs", "2"], tmp_path)
     assert stale.returncode == 2 and "other settings" in stale.stderr
+
+
+def test_distillation_overrides_never_touch_the_teachers(tmp_path):
+    protocol = protocol_lib.load("cifar10-cpu")
+    plain = protocol_lib.jobs(protocol, tmp_path, None)
+    tuned = protocol_lib.jobs(protocol, tmp_path, None, overrides=["distill.gamma=0.9", "data.augment=false"],
+                              validation_only=True)
+    for before, after in zip(plain, tuned):
+        if before.kind == "teacher":
+            assert after.args == before.args + ["--set", "data.augment=false"]
+        else:
+            assert "distill.gamma=0.9" in after.args and "data.evaluate_test=false" in after.args

@@ -155,9 +155,21 @@ def load(protocol: str) -> Protocol:
                     str(raw.get("description", "")).strip())
 
 
-def _set_flags(overrides: dict[str, Any]) -> list[str]:
+#: Config sections that only one kind of run reads: their overrides stay out of the other kind's
+#: arguments, so tuning the distillation never invalidates the cached teachers.
+ONLY_FOR = {"teacher": "teacher", "student": "student", "distill": "student", "export": None}
+
+
+def _applies(key: str, kind: str) -> bool:
+    section = key.split(".", 1)[0]
+    return section not in ONLY_FOR or ONLY_FOR[section] == kind
+
+
+def _set_flags(overrides: dict[str, Any], kind: str | None = None) -> list[str]:
     flags = []
     for key, value in overrides.items():
+        if kind is not None and not _applies(key, kind):
+            continue
         flags += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, bool)) or value is None else value}"]
     return flags
 
@@ -214,10 +226,10 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
                               f"({', '.join(protocol.runs)})")
     common = ["--dataset", protocol.dataset, "--epochs", str(epochs),
               "--batch-size", str(protocol.batch_size), "--set", "verbose=2",
-              *(["--data-dir", data_dir] if data_dir else []),
-              *(["--set", "data.evaluate_test=false"] if validation_only else []),
-              *_set_flags(protocol.set)]
-    extra = [item for o in overrides for item in ("--set", o)]
+              *(["--data-dir", data_dir] if data_dir else [])]
+    extra = {kind: [item for o in overrides if _applies(o.split("=", 1)[0].strip(), kind)
+                    for item in ("--set", o)] for kind in ("teacher", "student")}
+    tuning = ["--set", "data.evaluate_test=false"] if validation_only else []
     needed = {t for run in selected for t in run.teachers}
     result = []
     for name in (t for t in protocol.teachers if t in needed):  # teachers: first seed only
@@ -226,7 +238,7 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
         result.append(Job("teacher", name, seeds[0], run_dir, [
             "--stage", "teacher", "--method", "cft", "--teacher-model", teacher.model,
             "--seed", str(seeds[0]), "--run-dir", str(run_dir), *common,
-            *_set_flags(teacher.set), *extra]))
+            *_set_flags(protocol.set, "teacher"), *_set_flags(teacher.set), *extra["teacher"]]))
     for run in selected:
         for seed in seeds:
             run_dir = out / "runs" / run.name / f"seed{seed}"
@@ -234,8 +246,8 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
                              for item in ("--teacher", str(out / "runs" / "teachers" / t / "teacher.keras"))]
             result.append(Job("student", run.name, seed, run_dir, [
                 "--stage", "distill", "--method", run.method, "--student-model", protocol.student,
-                *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common,
-                *_set_flags(run.set), *extra]))
+                *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common, *tuning,
+                *_set_flags(protocol.set, "student"), *_set_flags(run.set), *extra["student"]]))
     return result
 
 
