@@ -66,7 +66,8 @@ def test_method_table():
     kd = loss_weights("kd")
     assert (kd.ce, kd.kd) == pytest.approx((0.1, 0.9))
     cft = loss_weights("cft")
-    assert (cft.ce, cft.feat, cft.adv, cft.kd) == (1.0, 1.0, 0.1, 0.0)  # METHOD.md defaults
+    assert (cft.ce, cft.feat, cft.adv, cft.kd) == (1.0, 1.0, 0.1, 0.9)  # METHOD.md's, gamma tuned
+    assert loss_weights("cft", gamma=0).active() == ["ce", "feat", "adv"]
     assert loss_weights("at").at == 1000.0 and loss_weights("fitnet").active() == ["ce", "hint"]
 
 
@@ -161,9 +162,9 @@ def test_fit_logs_every_term_and_discriminator_accuracy():
     distiller = make_distiller()
     x, y = batch(32)
     history = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
-    assert {"loss", "ce", "feat", "adv", "d_loss", "d_real_acc", "d_fake_acc", "accuracy"} <= set(history)
-    assert history["loss"][0] == pytest.approx(history["ce"][0] + history["feat"][0] + 0.1 * history["adv"][0],
-                                               rel=1e-4)
+    assert {"loss", "ce", "kd", "feat", "adv", "d_loss", "d_real_acc", "d_fake_acc", "accuracy"} <= set(history)
+    assert history["loss"][0] == pytest.approx(
+        history["ce"][0] + history["feat"][0] + 0.1 * history["adv"][0] + 0.9 * history["kd"][0], rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["student", "kd", "fitnet", "at", "mktn"])

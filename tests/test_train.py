@@ -152,7 +152,7 @@ def test_distill_stage_writes_the_student_alone(tmp_path, digits_run):
                        "--student-model", "resnet8", "--epochs", "2", "--run-dir", str(run_dir), *FAST])
     assert code == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["method"] == "cft" and metrics["terms"] == {"ce": 1.0, "feat": 1.0, "adv": 0.1}
+    assert metrics["method"] == "cft" and metrics["terms"] == {"ce": 1.0, "kd": 0.9, "feat": 1.0, "adv": 0.1}
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     for key in ("d_real_acc", "d_fake_acc", "d_loss"):
         assert key in metrics

@@ -106,7 +106,8 @@ class DistillConfig:
                                  "stage numbers from 1 like 2,3")
     alpha: float = option(1.0, "cft/mktn feature-loss weight")
     beta: float = option(0.1, "cft/mktn adversarial-loss weight")
-    gamma: float = option(0.0, "cft/mktn extra KD-on-logits weight")
+    gamma: float = option(0.9, "cft/mktn KD-on-logits weight (METHOD.md's default is 0; 0.9 won "
+                               "the validation tuning, see benchmarks/README.md)")
     temperature: float = option(4.0, "KD temperature tau")
     kd_alpha: float = option(0.9, "kd: weight a of the KD term; CE gets 1 - a")
     hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
