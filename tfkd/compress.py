@@ -186,6 +186,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m tfkd.compress``."""
     parser = argparse.ArgumentParser(
         prog="python -m tfkd.compress",
         description="Quantization-aware training (qat) or magnitude pruning (prune) of a distilled "

@@ -40,6 +40,8 @@ def section(cls: type, help: str) -> Any:
 
 @dataclass
 class DataConfig:
+    """The dataset and its input pipeline (``data.*``)."""
+
     dataset: str = option("digits", "cifar10, cifar100, digits (bundled, offline) or folder:PATH "
                                     "(PATH/train/<class>/*, PATH/test/<class>/*)")
     data_dir: Optional[str] = option(None, "folder with the canonical CIFAR python batches "
@@ -62,6 +64,8 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
+    """An SGD optimizer and its learning-rate schedule (``*.optimizer.*``)."""
+
     learning_rate: float = option(0.1, "SGD learning rate at batch size 128; scaled linearly with "
                                        "the global batch size")
     momentum: float = option(0.9, "SGD Nesterov momentum")
@@ -74,6 +78,8 @@ class OptimizerConfig:
 
 @dataclass
 class TeacherConfig:
+    """The reconstruction-augmented teacher (``teacher.*``)."""
+
     model: str = option("resnet20", "teacher backbone from the model zoo")
     epochs: int = option(30, "training epochs")
     lambda_cls: float = option(1.0, "weight of the classification (cross-entropy) loss; 0 makes "
@@ -85,6 +91,8 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
+    """The student (``student.*``)."""
+
     model: str = option("resnet8", "student backbone from the model zoo")
     epochs: int = option(30, "training epochs")
     optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
@@ -92,12 +100,16 @@ class StudentConfig:
 
 @dataclass
 class DiscriminatorConfig:
+    """The feature-map discriminators' Adam optimizer (``distill.discriminator.*``)."""
+
     learning_rate: float = option(2e-4, "discriminator Adam learning rate")
     beta_1: float = option(0.5, "discriminator Adam beta_1")
 
 
 @dataclass
 class DistillConfig:
+    """Knowledge transfer: the method and its loss weights (``distill.*``)."""
+
     method: str = option("cft", "student, kd, fitnet, at, cft or mktn (see README, Methods)")
     teachers: List[str] = option([], "trained teacher files (.keras or run folders); mktn takes "
                                      "two: the reconstruction teacher, then the classifier. Empty: "
@@ -118,6 +130,8 @@ class DistillConfig:
 
 @dataclass
 class ExportConfig:
+    """The export of the student to edge formats (``export.*``)."""
+
     formats: List[str] = option(list(EXPORT_FORMATS), "formats to write: saved_model, fp32, fp16, "
                                                       "dynamic, int8, onnx")
     opset: int = option(17, "ONNX opset")
@@ -131,6 +145,8 @@ class ExportConfig:
 
 @dataclass
 class RunConfig:
+    """The whole run: stage, folder, seed, strategy and every section above."""
+
     stage: str = option("all", "what to run: teacher (the teacher(s) the method needs), distill "
                                "(the student), export (the student to edge formats), or all "
                                "(every stage in turn)")

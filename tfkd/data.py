@@ -222,10 +222,12 @@ class Data:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes."""
         return len(self.class_names)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of every image."""
         return tuple(int(d) for d in self.train_images.shape[1:])  # type: ignore[return-value]
 
     def normalize(self, images: Any) -> tf.Tensor:

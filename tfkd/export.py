@@ -340,6 +340,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``python -m tfkd.export``."""
     parser = argparse.ArgumentParser(
         prog="python -m tfkd.export",
         description="Export a trained student to SavedModel, TFLite (fp32, fp16, dynamic-range, "

@@ -1,0 +1,42 @@
+"""The README documents every command-line flag, and public functions and classes have docstrings."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("command", [["tfkd.train"], ["tfkd.export"], ["tfkd.compress"],
+                                     ["tfkd.bench", "accuracy"], ["tfkd.bench", "speed"],
+                                     ["tfkd.bench", "pipeline"]])
+def test_readme_names_every_flag_of_every_command(command):
+    result = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
+                            timeout=120, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": ""})
+    assert result.returncode == 0, result.stderr[-500:]
+    usage = result.stdout.split("\n\n")[0] + "\n" + result.stdout.split("options:")[-1].split("Every option")[0]
+    flags = sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", usage)) - {"--help"})
+    missing = [f for f in flags if f"`{f}" not in README and f"{f} " not in README and f"{f}`" not in README]
+    assert flags and not missing, f"python -m {' '.join(command)}: README lacks {missing}"
+
+
+def test_public_functions_and_classes_have_docstrings():
+    missing = []
+    for path in sorted((REPO / "tfkd").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body + [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if ast.get_docstring(node) is None and node.name not in OVERRIDES:
+                    missing.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}")
+    assert not missing, missing
+
+
+#: Keras hooks whose contract Keras documents (a docstring would repeat it).
+OVERRIDES = {"call", "get_config", "from_config", "build", "compute_output_shape", "train_step",
+             "test_step", "compile", "on_epoch_begin", "on_epoch_end", "on_train_batch_end",
+             "on_test_begin", "on_train_end", "on_train_begin", "reduce", "metrics", "main"}
