@@ -63,6 +63,7 @@ def test_predict_matches_the_exported_model(no_tensorflow, exported, digits, tmp
 @pytest.mark.parametrize("make_input,code,match", [
     (lambda d: np.save(d / "x.npy", np.zeros((2, 28, 28, 3), np.float32)) or d / "x.npy", 3, "input shape (2, 28, 28, 3)"),
     (lambda d: np.save(d / "x.npy", np.full((1, 32, 32, 3), np.nan, np.float32)) or d / "x.npy", 3, "NaN"),
+    (lambda d: np.save(d / "x.npy", np.full((1, 32, 32, 3), np.inf, np.float32)) or d / "x.npy", 3, "infinite"),
     (lambda d: np.save(d / "x.npy", np.full((1, 32, 32, 3), 300.0, np.float32)) or d / "x.npy", 3, "expected [0, 255]"),
     (lambda d: np.save(d / "x.npy", np.zeros((1, 32, 32, 3), np.complex64)) or d / "x.npy", 3, "input dtype complex64"),
     (lambda d: (d / "x.txt").write_text("hi") and d / "x.txt", 3, "unsupported file type '.txt'"),

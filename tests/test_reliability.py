@@ -273,3 +273,23 @@ def test_hostile_export_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("tfkd: error: ") and match in err and "\n" not in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_model_files_with_code_are_refused(tmp_path, capsys):
+    """A .keras file holding a Lambda layer (Python code) is refused by Keras's safe mode, both
+    as a teacher and as a model to export (without safe mode it would load)."""
+    from tfkd import export
+
+    inputs = keras.Input((32, 32, 3))
+    lam = keras.layers.Lambda(lambda x: x * 2.0)(inputs)
+    keras.Model(inputs, {"logits": keras.layers.Dense(10)(keras.layers.Flatten()(lam))}).save(
+        tmp_path / "lambda.keras")
+    assert keras.saving.load_model(tmp_path / "lambda.keras", safe_mode=False) is not None
+    run_dir = tmp_path / "run"
+    code = train.main(["--stage", "distill", "--teacher", str(tmp_path / "lambda.keras"), "--run-dir",
+                       str(run_dir), "--epochs", "1", *FAST])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and "lambda.keras: not a loadable Keras model" in err and "\n" not in err
+    assert export.main([str(tmp_path / "lambda.keras"), "--out", str(tmp_path / "out")]) == 4
+    assert "not a loadable Keras model" in capsys.readouterr().err
+    assert not (run_dir / "student.keras").exists() and not (tmp_path / "out").exists()
