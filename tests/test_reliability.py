@@ -293,3 +293,29 @@ def test_model_files_with_code_are_refused(tmp_path, capsys):
     assert export.main([str(tmp_path / "lambda.keras"), "--out", str(tmp_path / "out")]) == 4
     assert "not a loadable Keras model" in capsys.readouterr().err
     assert not (run_dir / "student.keras").exists() and not (tmp_path / "out").exists()
+
+
+def test_backup_is_replaced_whole_or_not_at_all(tmp_path):
+    """A save that dies half-way leaves the previous backup intact and loadable."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    backup = tmp_path / "backup"
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[callbacks.AtomicBackupAndRestore(str(backup),
+                                                                                    delete_checkpoint=False)])
+    saved = (backup / "latest.weights.h5").read_bytes()
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+
+    def dies_half_way(filepath, overwrite=True):
+        Path(filepath).write_bytes(saved[: len(saved) // 2])
+        raise KeyboardInterrupt("killed mid-write")
+
+    model.save_weights = dies_half_way
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=4, verbose=0, callbacks=[callbacks.AtomicBackupAndRestore(
+            str(backup), delete_checkpoint=False)])
+    assert (backup / "latest.weights.h5").read_bytes() == saved
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
+    assert not list(backup.glob(".tmp-*"))

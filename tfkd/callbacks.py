@@ -134,3 +134,21 @@ class RunStatus(keras.callbacks.Callback):
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
         self.write("validate")
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` whose backup files are written atomically.
+
+    Keras writes the weights and the epoch counter in place (with an optional copy of the
+    previous ones), so a kill during a save can leave a truncated file, or new weights beside an
+    old epoch counter. Here each file is written to a temporary name and renamed, weights first
+    and the counter last: a reader sees the previous backup or the new one, whole. (Relies on the
+    callback's private paths and counters, checked against the pinned Keras 3.15.)
+    """
+
+    def _save_model(self) -> None:
+        Path(self.backup_dir).mkdir(parents=True, exist_ok=True)
+        with io.atomic_path(self._weights_path) as tmp:
+            self.model.save_weights(str(tmp), overwrite=True)
+        io.write_json(self._training_metadata_path,
+                      {"epoch": self._current_epoch, "batch": self._last_batch_seen})

@@ -161,8 +161,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     cbs = [
         # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
         # killed during the final evaluation resumes there instead of training again.
-        keras.callbacks.BackupAndRestore(str(out_dir / "backup" / stage), double_checkpoint=True,
-                                         delete_checkpoint=False),
+        callbacks.AtomicBackupAndRestore(str(out_dir / "backup" / stage), delete_checkpoint=False),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
