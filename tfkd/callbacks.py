@@ -35,13 +35,11 @@ class ReconstructionPlot(keras.callbacks.Callback):
 
 def save_image_grid(rows: list[np.ndarray], labels: list[str], path: str | Path) -> None:
     """Saves rows of uint8 images (one row per array) as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the user's backend (notebooks) alone
 
     count = len(rows[0])
-    fig, axes = plt.subplots(len(rows), count, figsize=(1.2 * count, 1.3 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(1.2 * count, 1.3 * len(rows)))
+    axes = fig.subplots(len(rows), count, squeeze=False)
     for r, (row, label) in enumerate(zip(rows, labels)):
         for c in range(count):
             axes[r, c].imshow(row[c])
@@ -51,7 +49,6 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: str | Path)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
 
 
 class ThroughputMeter(keras.callbacks.Callback):

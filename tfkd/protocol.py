@@ -405,17 +405,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: Path) -> None:
     """Bar chart of every run's test accuracy, labelled with its gain over the student alone."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leaves the user's backend alone
 
     from tfkd import io
 
     names = list(results["runs"])
     means = [(results["runs"][n]["test"]["mean"] or 0.0) * 100 for n in names]
     stds = [(results["runs"][n]["test"]["std"] or 0.0) * 100 for n in names]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
+    fig = Figure(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
+    ax = fig.subplots()
     colors = ["#999999" if n == BASELINE else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
               for n in names]
     bars = ax.bar(names, means, yerr=stds if any(stds) else None, color=colors, capsize=3)
@@ -435,4 +433,3 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
