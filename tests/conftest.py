@@ -16,6 +16,22 @@ tf.config.set_logical_device_configuration(
 REPO = Path(__file__).resolve().parents[1]
 
 
+def fake_cifar(folder: Path, labels=None, n: int = 20) -> Path:
+    """Writes a tiny CIFAR-10 in the canonical python-batch layout (random pixels); returns it."""
+    import pickle
+
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
+                 b"labels": list(labels if labels is not None else rng.integers(0, 10, n))}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """The canonical CIFAR-10 python batches from TFKD_CIFAR10_DIR.

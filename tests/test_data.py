@@ -2,6 +2,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import fake_cifar
 import tensorflow as tf
 from PIL import Image
 
@@ -105,18 +106,8 @@ def test_folder_dataset_errors_name_the_path(tmp_path, case, match):
     assert "\n" not in str(info.value) and str(root) in str(info.value)
 
 
-def _fake_cifar(folder, n=20, labels=None):
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
-                 b"labels": list(labels if labels is not None else rng.integers(0, 10, n))}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
-
-
 def test_cifar_batches_layout_is_channels_last(tmp_path):
-    _fake_cifar(tmp_path / "c")
+    fake_cifar(tmp_path / "c")
     source = data.load_cifar_batches("cifar10", str(tmp_path / "c"))
     raw = pickle.loads((tmp_path / "c" / "data_batch_1").read_bytes())[b"data"]
     np.testing.assert_array_equal(source.train_images[0, :, :, 0].ravel(), raw[0, :1024])  # red plane
@@ -130,7 +121,7 @@ def test_cifar_batches_layout_is_channels_last(tmp_path):
     ("labels", "labels must be in 0..9"),
 ])
 def test_cifar_batch_errors(tmp_path, damage, match):
-    _fake_cifar(tmp_path / "c", labels=[12] * 20 if damage == "labels" else None)
+    fake_cifar(tmp_path / "c", labels=[12] * 20 if damage == "labels" else None)
     target = tmp_path / "c" / "data_batch_3"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:1000])

@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import fake_cifar
 import tensorflow as tf
 
 from tfkd import callbacks, train
@@ -184,19 +185,6 @@ def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path
     print("reference", reference["test_accuracy"], "outcomes", outcomes)
 
 
-def _fake_cifar(folder, labels=None, n=20):
-    import pickle
-
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
-                 b"labels": list(labels if labels is not None else rng.integers(0, 10, n))}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
-    return folder
-
-
 def _image_folder(root, broken=None):
     from PIL import Image
 
@@ -212,7 +200,7 @@ def _image_folder(root, broken=None):
 
 
 def _truncated(root):
-    folder = _fake_cifar(root / "c")
+    folder = fake_cifar(root / "c")
     (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:500])
     return ["--dataset", "cifar10", "--data-dir", str(folder)]
 
@@ -228,7 +216,7 @@ HOSTILE_TRAIN = [
      "option 'data.data_dir' = ''"),
     ("empty run dir", lambda d: ["--run-dir", " "], 2, "option 'run_dir'"),
     ("truncated CIFAR batch", _truncated, 3, "data_batch_2: unreadable CIFAR batch file"),
-    ("labels out of range", lambda d: ["--dataset", "cifar10", "--data-dir", str(_fake_cifar(d / "c", [10] * 20))],
+    ("labels out of range", lambda d: ["--dataset", "cifar10", "--data-dir", str(fake_cifar(d / "c", [10] * 20))],
      3, "labels must be in 0..9"),
     ("corrupt PNG", lambda d: ["--dataset", f"folder:{_image_folder(d / 'f', ('x.png', b'junk'))}"], 3,
      "x.png: unreadable image"),

@@ -59,22 +59,6 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-class _StepClock:
-    """Keras callback recording the time at the end of every training batch."""
-
-    def __new__(cls) -> Any:
-        import keras
-
-        class Clock(keras.callbacks.Callback):
-            def on_train_begin(self, logs: Any = None) -> None:
-                self.times: list[float] = []
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                self.times.append(time.perf_counter())
-
-        return Clock()
-
-
 def _fit_rate(model: Any, batch: tuple[Any, Any], steps: int, repeats: int = 3) -> float:
     """Images/s of ``model.fit`` on one in-memory batch repeated (measures the step alone).
 
@@ -82,15 +66,17 @@ def _fit_rate(model: Any, batch: tuple[Any, Any], steps: int, repeats: int = 3) 
     out (on this machine ``fit`` sometimes spends ~2 s after ``on_train_end``); the best of
     ``repeats`` timings, the one least disturbed by other work on the machine.
     """
+    import keras
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensors(batch).repeat()
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
     best = float("inf")
     for _ in range(max(repeats, 1)):
-        clock = _StepClock()
+        ends: list[float] = []
+        clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
         model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
-        best = min(best, clock.times[-1] - clock.times[0])  # ``steps`` steps between the ends
+        best = min(best, ends[-1] - ends[0])  # ``steps`` steps between the first and last batch end
     return steps * int(batch[1].shape[0]) / best
 
 
