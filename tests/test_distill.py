@@ -78,7 +78,25 @@ def test_convblock_maps_channels_and_resizes():
     assert tuple(out.shape) == (2, 8, 8, 64)
     assert not block.conv.use_bias
     clone = ConvBlock.from_config(block.get_config())
-    assert clone.target_shape == [8, 8, 64]
+    assert clone.target_shape == [8, 8, 64] and not clone.relu
+
+
+def test_convblock_relu_is_the_plain_block_clipped_at_zero():
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 16)).astype(np.float32)
+    plain, rectified = ConvBlock((8, 8, 32)), ConvBlock((8, 8, 32), relu=True)
+    plain.build(x.shape), rectified.build(x.shape)
+    rectified.set_weights(plain.get_weights())
+    expected = np.maximum(np.asarray(plain(x, training=True)), 0.0)
+    assert (expected < 0).sum() == 0 and (np.asarray(plain(x, training=True)) < 0).mean() > 0.3
+    np.testing.assert_allclose(np.asarray(rectified(x, training=True)), expected, atol=1e-6)
+    assert ConvBlock.from_config(rectified.get_config()).relu
+
+
+@pytest.mark.parametrize("method", ["cft", "mktn", "fitnet"])
+def test_adapter_relu_reaches_every_adapter(method):
+    for relu in (False, True):
+        distiller = make_distiller(method, adapter_relu=relu)
+        assert distiller.adapters and all(a.relu is relu for a in distiller.adapters)
 
 
 def test_discriminator_gives_one_logit_per_map():
@@ -89,14 +107,14 @@ def test_discriminator_gives_one_logit_per_map():
 
 
 def make_distiller(method="cft", teacher_name="resnet14", student_name="resnet8", sync_bn=False,
-                   seed=0, gan_loss="lsgan", stages="last"):
+                   seed=0, gan_loss="lsgan", stages="last", adapter_relu=False):
     keras.utils.set_random_seed(seed)
     teacher = models.get(teacher_name, 10, sync_bn=sync_bn)
     teacher2 = models.get(teacher_name, 10, sync_bn=sync_bn) if method == "mktn" else None
     student = models.get(student_name, 10, sync_bn=sync_bn)
     distiller = Distiller(student, None if method == "student" else (teacher2 or teacher),
                           teacher if method == "mktn" else None, loss_weights(method),
-                          stages=stages, gan_loss=gan_loss, sync_bn=sync_bn)
+                          stages=stages, gan_loss=gan_loss, sync_bn=sync_bn, adapter_relu=adapter_relu)
     distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                       discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
     distiller.build_all()

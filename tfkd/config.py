@@ -125,6 +125,8 @@ class DistillConfig:
     hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
     at_weight: float = option(1000.0, "at: attention-transfer weight")
     gan_loss: str = option("lsgan", "adversarial loss: lsgan or bce (non-saturating)")
+    adapter_relu: bool = option(False, "end every ConvBlock adapter with a ReLU (teacher stage "
+                                       "outputs are post-ReLU, so non-negative)")
     discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator optimizer")
 
 

@@ -281,7 +281,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         adversarial = teachers[0] if len(teachers) == 2 else None
         distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
                               temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
-                              sync_bn=cfg.sync_batchnorm, name="distiller")
+                              sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
+                              name="distiller")
         optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch, scfg.epochs)
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
                                             beta_1=dcfg.discriminator.beta_1)

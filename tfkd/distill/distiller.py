@@ -75,13 +75,15 @@ class Distiller(keras.Model):
         temperature: KD temperature.
         gan_loss: ``lsgan`` or ``bce``.
         sync_bn: synchronized batch norm in adapters and discriminators.
+        adapter_relu: end every ConvBlock adapter (feature, adversarial, hint) with a ReLU, so
+            adapted maps are non-negative like the teacher's post-ReLU stage outputs.
     """
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None,
                  adversarial_teacher: keras.Model | None = None,
                  weights: LossWeights | None = None, stages: str = "last",
                  temperature: float = 4.0, gan_loss: str = "lsgan", sync_bn: bool = False,
-                 **kwargs: Any) -> None:
+                 adapter_relu: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.student = student
         weights = weights or LossWeights()
@@ -107,7 +109,8 @@ class Distiller(keras.Model):
         if "feat" in self.terms or ("adv" in self.terms and self.shares_adapters):
             self.feature_pairs = resolve_stages(stages, student, teacher)
             t_shapes = _feature_shapes(teacher)
-            self.feature_adapters = [ConvBlock(t_shapes[t], sync_bn, name=f"feat_adapter_s{s + 1}")
+            self.feature_adapters = [ConvBlock(t_shapes[t], sync_bn, adapter_relu,
+                                               name=f"feat_adapter_s{s + 1}")
                                      for s, t in self.feature_pairs]
         if "adv" in self.terms:
             adv_teacher = teacher if self.shares_adapters else adversarial_teacher
@@ -116,7 +119,8 @@ class Distiller(keras.Model):
             if self.shares_adapters:
                 self.adversarial_adapters = self.feature_adapters
             else:
-                self.adversarial_adapters = [ConvBlock(a_shapes[t], sync_bn, name=f"adv_adapter_s{s + 1}")
+                self.adversarial_adapters = [ConvBlock(a_shapes[t], sync_bn, adapter_relu,
+                                                       name=f"adv_adapter_s{s + 1}")
                                              for s, t in self.adversarial_pairs]
             self.discriminators = [build_discriminator(a_shapes[t], sync_bn, name=f"discriminator_s{s + 1}")
                                    for s, t in self.adversarial_pairs]
@@ -125,7 +129,8 @@ class Distiller(keras.Model):
         if "hint" in self.terms:
             s_mid, t_mid = len(s_shapes) // 2, len(_feature_shapes(teacher)) // 2
             self.hint_pair = (s_mid, t_mid)
-            self.hint_adapter = ConvBlock(_feature_shapes(teacher)[t_mid], sync_bn, name="hint_adapter")
+            self.hint_adapter = ConvBlock(_feature_shapes(teacher)[t_mid], sync_bn, adapter_relu,
+                                          name="hint_adapter")
         self.at_pairs: list[tuple[int, int]] = []
         if "at" in self.terms:
             self.at_pairs = resolve_stages("all", student, teacher)
