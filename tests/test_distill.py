@@ -107,14 +107,15 @@ def test_discriminator_gives_one_logit_per_map():
 
 
 def make_distiller(method="cft", teacher_name="resnet14", student_name="resnet8", sync_bn=False,
-                   seed=0, gan_loss="lsgan", stages="last", adapter_relu=False):
+                   seed=0, gan_loss="lsgan", stages="last", adapter_relu=False, warmup_steps=0):
     keras.utils.set_random_seed(seed)
     teacher = models.get(teacher_name, 10, sync_bn=sync_bn)
     teacher2 = models.get(teacher_name, 10, sync_bn=sync_bn) if method == "mktn" else None
     student = models.get(student_name, 10, sync_bn=sync_bn)
     distiller = Distiller(student, None if method == "student" else (teacher2 or teacher),
                           teacher if method == "mktn" else None, loss_weights(method),
-                          stages=stages, gan_loss=gan_loss, sync_bn=sync_bn, adapter_relu=adapter_relu)
+                          stages=stages, gan_loss=gan_loss, sync_bn=sync_bn, adapter_relu=adapter_relu,
+                          adversarial_warmup_steps=warmup_steps)
     distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                       discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
     distiller.build_all()
@@ -145,6 +146,21 @@ def test_discriminator_step_changes_only_discriminator_weights():
     assert set(logs) == {"d_loss", "d_real_acc", "d_fake_acc"}
     assert all(changed(before_d, distiller.discriminator_variables))
     assert not any(changed(before_others, others))
+
+
+def test_adversarial_warmup_leaves_the_adversarial_term_out_until_the_step_count():
+    distiller = make_distiller("cft", warmup_steps=3)
+    w = distiller.loss_weights
+    terms = {"ce": tf.constant(1.5), "kd": tf.constant(2.0), "feat": tf.constant(0.7), "adv": tf.constant(0.9)}
+    without_adv = 1.5 * w.ce + 2.0 * w.kd + 0.7 * w.feat
+    for step, expected in ((0, without_adv), (2, without_adv), (3, without_adv + 0.9 * w.adv),
+                           (10, without_adv + 0.9 * w.adv)):
+        distiller.optimizer.iterations.assign(step)
+        assert float(distiller.weighted_total(terms)) == pytest.approx(expected, rel=1e-6), step
+    (x,), y = rng_arrays((8, 32, 32, 3), seed=1), np.arange(8) % 10
+    distiller.optimizer.iterations.assign(0)
+    logs = distiller.train_on_batch(x, y, return_dict=True)  # the discriminator trains during warm-up
+    assert int(distiller.d_optimizer.iterations) == 1 and logs["adv"] > 0
 
 
 def test_student_step_trains_student_and_adapters_only_and_teacher_never_changes():

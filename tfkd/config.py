@@ -125,6 +125,8 @@ class DistillConfig:
     hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
     at_weight: float = option(1000.0, "at: attention-transfer weight")
     gan_loss: str = option("lsgan", "adversarial loss: lsgan or bce (non-saturating)")
+    adv_warmup_epochs: int = option(0, "cft/mktn: epochs before the student's adversarial term "
+                                       "switches on (the discriminator trains throughout)")
     adapter_relu: bool = option(False, "end every ConvBlock adapter with a ReLU (teacher stage "
                                        "outputs are post-ReLU, so non-negative)")
     discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator optimizer")
@@ -291,6 +293,8 @@ def validate(config: RunConfig) -> None:
     _check(distill.gan_loss in ("lsgan", "bce"), "distill.gan_loss", distill.gan_loss, "lsgan or bce")
     _check(distill.temperature > 0, "distill.temperature", distill.temperature, "> 0")
     _check(0 <= distill.kd_alpha <= 1, "distill.kd_alpha", distill.kd_alpha, "in [0, 1]")
+    _check(distill.adv_warmup_epochs >= 0, "distill.adv_warmup_epochs", distill.adv_warmup_epochs,
+           "an integer >= 0")
     for key in ("alpha", "beta", "gamma", "hint_weight", "at_weight"):
         _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
     _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",

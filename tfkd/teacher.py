@@ -119,7 +119,7 @@ class ReconstructionTeacher(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        images, labels = data
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self(images, training=True)
             terms = self.compute_losses(images, labels, outputs)
@@ -131,7 +131,7 @@ class ReconstructionTeacher(keras.Model):
         return self._update_metrics(images, labels, outputs, terms)
 
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        images, labels = data
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         outputs = self(images, training=False)
         return self._update_metrics(images, labels, outputs,
                                     self.compute_losses(images, labels, outputs))

@@ -282,6 +282,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
                               temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
                               sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
+                              adversarial_warmup_steps=dcfg.adv_warmup_epochs * (len(data.train_labels) // batch),
                               name="distiller")
         optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch, scfg.epochs)
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,

@@ -77,19 +77,23 @@ class Distiller(keras.Model):
         sync_bn: synchronized batch norm in adapters and discriminators.
         adapter_relu: end every ConvBlock adapter (feature, adversarial, hint) with a ReLU, so
             adapted maps are non-negative like the teacher's post-ReLU stage outputs.
+        adversarial_warmup_steps: the student ignores the adversarial term for its first N
+            steps (counted by the optimizer, so a resumed run keeps its place); the
+            discriminators train from the first step.
     """
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None,
                  adversarial_teacher: keras.Model | None = None,
                  weights: LossWeights | None = None, stages: str = "last",
                  temperature: float = 4.0, gan_loss: str = "lsgan", sync_bn: bool = False,
-                 adapter_relu: bool = False, **kwargs: Any) -> None:
+                 adapter_relu: bool = False, adversarial_warmup_steps: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.student = student
         weights = weights or LossWeights()
         self.loss_weights = weights
         self.temperature = float(temperature)
         self.gan_loss = gan_loss
+        self.adversarial_warmup_steps = int(adversarial_warmup_steps)
         self.terms = weights.active()
         needs_teacher = any(t != "ce" for t in self.terms)
         if needs_teacher and teacher is None:
@@ -252,8 +256,16 @@ class Distiller(keras.Model):
         return terms
 
     def weighted_total(self, terms: dict[str, tf.Tensor]) -> tf.Tensor:
-        """The student loss: the sum of each term times its weight."""
-        return tf.add_n([getattr(self.loss_weights, name) * value for name, value in terms.items()])
+        """The student loss: the sum of each term times its weight (the adversarial weight is 0
+        until ``adversarial_warmup_steps`` optimizer steps have been taken)."""
+        parts = []
+        for name, value in terms.items():
+            weight = getattr(self.loss_weights, name)
+            if name == "adv" and self.adversarial_warmup_steps > 0:
+                warm = self.optimizer.iterations >= self.adversarial_warmup_steps
+                weight = weight * tf.cast(warm, value.dtype)
+            parts.append(weight * value)
+        return tf.add_n(parts)
 
     def discriminator_step(self, real: Sequence[tf.Tensor], fake: Sequence[tf.Tensor]) -> dict[str, tf.Tensor]:
         """One update of the discriminators on teacher (real) vs adapted student (fake) maps."""
@@ -274,7 +286,7 @@ class Distiller(keras.Model):
 
     # ------------------------------------------------------------------ Keras hooks
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        images, labels = data
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self._forward(images, training=True)
             cache: dict[str, list[tf.Tensor]] = {}
@@ -296,7 +308,7 @@ class Distiller(keras.Model):
 
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Evaluates the student alone: its cross-entropy (as ``loss``) and accuracy."""
-        images, labels = data
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         student = self(images, training=False)
         ce = losses.cross_entropy(labels, student["logits"])
         self.trackers["loss"].update_state(ce)
