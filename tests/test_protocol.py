@@ -137,6 +137,32 @@ def test_a_changed_setting_never_reuses_a_cached_run(tmp_path):
         changed.done()
 
 
+def test_a_changed_default_never_reuses_a_cached_run(tmp_path):
+    """Same arguments, other settings: the run folder's config.yaml says what the run used."""
+    from tfkd import config as config_lib
+    from tfkd.train import build_parser, config_from_args
+
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY)
+    protocol = protocol_lib.load(str(path))
+    teacher, _, kd = protocol_lib.jobs(protocol, tmp_path / "out", None)
+    for job in (teacher, kd):
+        cfg = config_from_args(build_parser().parse_args(job.args))
+        _fake_run(job.run_dir, job.kind, val_accuracy=0.5)
+        (job.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        job.record()
+        assert job.changed_setting() is None and job.done()
+        cfg.distill.gamma = 0.0  # as if the run had been made before the default changed
+        (job.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+    assert teacher.done()  # a teacher run never reads distill.*
+    assert kd.changed_setting() == "distill.gamma is 0.0 there, 0.9 now"
+    with pytest.raises(ConfigError, match="distill.gamma is 0.0 there, 0.9 now"):
+        kd.done()
+    text = (kd.run_dir / "config.yaml").read_text().replace("  gamma: 0.0\n", "")
+    (kd.run_dir / "config.yaml").write_text(text)  # an option the run predates is not compared
+    assert "gamma" not in text and kd.done()
+
+
 def _bench(args, cwd):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.run([sys.executable, "-m", "tfkd.bench", "accuracy", *args], cwd=cwd,

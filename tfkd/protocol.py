@@ -165,6 +165,16 @@ def _applies(key: str, kind: str) -> bool:
     return section not in ONLY_FOR or ONLY_FOR[section] == kind
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _set_flags(overrides: dict[str, Any], kind: str | None = None) -> list[str]:
     flags = []
     for key, value in overrides.items():
@@ -194,7 +204,29 @@ class Job:
         if recorded.is_file() and json.loads(recorded.read_text()).get("args") != self.args:
             raise ConfigError(f"{self.run_dir}: holds a run with other settings (see its "
                               "bench_job.json); use another --out, or remove the folder to redo it")
+        changed = self.changed_setting()
+        if changed:
+            raise ConfigError(f"{self.run_dir}: holds a run with other settings ({changed}, "
+                              "e.g. a changed default); remove the folder to redo it")
         return _result(self.run_dir, self.kind) is not None
+
+    def changed_setting(self) -> str | None:
+        """The first setting this kind of run reads whose value in the run folder's
+        ``config.yaml`` differs from what the job's arguments resolve to now (same arguments can
+        still mean other settings when a default changed); None if all agree. Keys the folder
+        does not have (options added since) are not compared."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return None
+        from tfkd import config as config_lib
+        from tfkd.train import build_parser, config_from_args
+
+        now = _flatten(yaml.safe_load(config_lib.to_yaml(config_from_args(build_parser().parse_args(self.args)))))
+        then = _flatten(yaml.safe_load(saved.read_text()) or {})
+        for key in sorted(now):
+            if key in then and then[key] != now[key] and _applies(key, self.kind):
+                return f"{key} is {then[key]!r} there, {now[key]!r} now"
+        return None
 
     def record(self) -> None:
         """Writes the job's arguments beside its run (checked by ``done``)."""
