@@ -68,6 +68,10 @@ def test_method_table():
     cft = loss_weights("cft")
     assert (cft.ce, cft.feat, cft.adv, cft.kd) == (1.0, 1.0, 0.1, 0.9)  # METHOD.md's, gamma tuned
     assert loss_weights("cft", gamma=0).active() == ["ce", "feat", "adv"]
+    on_kd = loss_weights("cft", ce_weight=0.1)
+    assert (on_kd.ce, on_kd.kd) == pytest.approx((kd.ce, kd.kd))
+    assert loss_weights("cft", ce_weight=0).active() == ["kd", "feat", "adv"]
+    assert loss_weights("kd", ce_weight=0.5).ce == pytest.approx(0.1)  # kd keeps its own weighting
     assert loss_weights("at").at == 1000.0 and loss_weights("fitnet").active() == ["ce", "hint"]
 
 

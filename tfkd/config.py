@@ -120,6 +120,8 @@ class DistillConfig:
     beta: float = option(0.1, "cft/mktn adversarial-loss weight")
     gamma: float = option(0.9, "cft/mktn KD-on-logits weight (METHOD.md's default is 0; 0.9 won "
                                "the validation tuning, see benchmarks/README.md)")
+    ce_weight: float = option(1.0, "cft/mktn: cross-entropy weight (0.1 with gamma 0.9: kd's loss "
+                                   "plus the feature and adversarial terms)")
     temperature: float = option(4.0, "KD temperature tau")
     kd_alpha: float = option(0.9, "kd: weight a of the KD term; CE gets 1 - a")
     hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
@@ -295,7 +297,7 @@ def validate(config: RunConfig) -> None:
     _check(0 <= distill.kd_alpha <= 1, "distill.kd_alpha", distill.kd_alpha, "in [0, 1]")
     _check(distill.adv_warmup_epochs >= 0, "distill.adv_warmup_epochs", distill.adv_warmup_epochs,
            "an integer >= 0")
-    for key in ("alpha", "beta", "gamma", "hint_weight", "at_weight"):
+    for key in ("alpha", "beta", "gamma", "ce_weight", "hint_weight", "at_weight"):
         _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
     _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",
            distill.discriminator.learning_rate, "> 0")

@@ -276,7 +276,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         teachers = [load_teacher(p, data) for p in teacher_paths]
         student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
         weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
-                               dcfg.hint_weight, dcfg.at_weight)
+                               dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
         teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
         adversarial = teachers[0] if len(teachers) == 2 else None
         distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,

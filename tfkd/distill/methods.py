@@ -6,7 +6,7 @@
 | kd      | (1 - a) CE + a * KD(tau)                                              |
 | fitnet  | CE + w_hint * MSE(ConvBlock(student middle stage), teacher middle stage) |
 | at      | CE + w_at * sum over stages of attention-transfer distances           |
-| cft     | CE + alpha * feature + beta * adversarial [+ gamma * KD]             |
+| cft     | c * CE + alpha * feature + beta * adversarial [+ gamma * KD]         |
 | mktn    | as cft, feature term from Teacher2 (classifier), adversarial from Teacher1 (reconstruction) |
 """
 
@@ -37,9 +37,11 @@ class LossWeights:
 
 def loss_weights(method: str, alpha: float = 1.0, beta: float = 0.1, gamma: float = 0.9,
                  kd_alpha: float = 0.9, hint_weight: float = 100.0,
-                 at_weight: float = 1000.0) -> LossWeights:
+                 at_weight: float = 1000.0, ce_weight: float = 1.0) -> LossWeights:
     """The loss terms of ``method`` with the given hyper-parameters (METHOD.md's defaults, except
-    ``gamma``: 0.9 instead of 0, the best validated setting, see benchmarks/README.md)."""
+    ``gamma``: 0.9 instead of 0, the best validated setting, see benchmarks/README.md).
+    ``ce_weight`` (c) scales cft/mktn's cross-entropy: c = 1 - kd_alpha with gamma = kd_alpha puts
+    the feature and adversarial terms on top of exactly the ``kd`` loss."""
     if method == "student":
         return LossWeights()
     if method == "kd":
@@ -49,7 +51,7 @@ def loss_weights(method: str, alpha: float = 1.0, beta: float = 0.1, gamma: floa
     if method == "at":
         return LossWeights(at=at_weight)
     if method in ("cft", "mktn"):
-        return LossWeights(kd=gamma, feat=alpha, adv=beta)
+        return LossWeights(ce=ce_weight, kd=gamma, feat=alpha, adv=beta)
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
