@@ -169,6 +169,18 @@ def _bench(args, cwd):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_report_only_on_unfinished_runs_marks_them_and_records_the_training_command(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    result = _bench(["--protocol", str(path), "--out", "out", "--report-only"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "out/results.md").read_text()
+    assert "**Incomplete**" in table and "| rec | — | — | — | — | — | — |" in table
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert not results["complete"] and results["runs"]["kd"]["test"]["mean"] is None
+    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out out"
+
+
 def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)

@@ -183,7 +183,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or Path("benchmarks") / "results" / protocol.name)
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
                                  args.set, args.validation_only)
-    command = "python -m tfkd.bench " + shlex.join(args.argv)
+    # the command that trains these runs (a --report-only rewrite records the same one)
+    command = "python -m tfkd.bench " + shlex.join(a for a in args.argv if a != "--report-only")
     if args.report_only:
         results = protocol_lib.report(protocol, out, job_list, command)
     else:

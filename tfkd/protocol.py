@@ -412,8 +412,9 @@ def markdown(results: dict[str, Any]) -> str:
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, t in results["teachers"].items():
         psnr = "—" if t.get("test_psnr") is None or not t.get("lambda_rec") else f"{t['test_psnr']:.2f}"
-        lines.append(f"| {name} | {t.get('model') or '—'} | {t.get('lambda_cls', '—')} | "
-                     f"{t.get('lambda_rec', '—')} | {_pct(t.get('val_accuracy'))} | "
+        weights = ["—" if t.get(k) is None else t[k] for k in ("lambda_cls", "lambda_rec")]
+        lines.append(f"| {name} | {t.get('model') or '—'} | {weights[0]} | "
+                     f"{weights[1]} | {_pct(t.get('val_accuracy'))} | "
                      f"{_pct(t.get('test_accuracy'))} | {psnr} |")
     lines += ["", "| run | method | teachers | overrides | val top-1 % | test top-1 % | "
                   "test gain over student (pt) |", "| --- | --- | --- | --- | --- | --- | --- |"]
