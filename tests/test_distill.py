@@ -91,7 +91,7 @@ def test_convblock_relu_is_the_plain_block_clipped_at_zero():
     plain.build(x.shape), rectified.build(x.shape)
     rectified.set_weights(plain.get_weights())
     expected = np.maximum(np.asarray(plain(x, training=True)), 0.0)
-    assert (expected < 0).sum() == 0 and (np.asarray(plain(x, training=True)) < 0).mean() > 0.3
+    assert (np.asarray(plain(x, training=True)) < 0).mean() > 0.3  # batch norm: about half negative
     np.testing.assert_allclose(np.asarray(rectified(x, training=True)), expected, atol=1e-6)
     assert ConvBlock.from_config(rectified.get_config()).relu
 

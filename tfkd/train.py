@@ -277,14 +277,15 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
         weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
                                dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
+        steps_per_epoch = len(data.train_labels) // batch
         teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
         adversarial = teachers[0] if len(teachers) == 2 else None
         distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
                               temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
                               sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
-                              adversarial_warmup_steps=dcfg.adv_warmup_epochs * (len(data.train_labels) // batch),
+                              adversarial_warmup_steps=dcfg.adv_warmup_epochs * steps_per_epoch,
                               name="distiller")
-        optimizer = _sgd(scfg.optimizer, batch, len(data.train_labels) // batch, scfg.epochs)
+        optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
                                             beta_1=dcfg.discriminator.beta_1)
         distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
