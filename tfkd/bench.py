@@ -143,7 +143,56 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         result["inference_teacher_over_student"] = {
             fmt: round(latency["teacher"][fmt] / latency["student"][fmt], 2) for fmt in latency["student"]}
     print(json.dumps(result, indent=2))
+    if args.out:
+        _write_speed_report(result, args)
     return result
+
+
+#: What each timed training step is, for the speed table.
+STEP_NAMES = {"keras_distiller_kd": "`keras.distillation.Distiller` KD", "student": "student alone",
+              "input_pipeline": "input pipeline alone"}
+
+
+def speed_markdown(result: dict[str, Any]) -> str:
+    """The speed figures as Markdown: a training table with both ratios, then latencies."""
+    rates = result["training_images_per_second"]
+    to_keras = result["training_ratio_to_keras_distiller_kd"]
+    to_student = result.get("training_ratio_to_student_alone", {})
+    machine = result["machine"]
+    lines = [f"# Speed: {result['teacher']} -> {result['student']}, batch {result['batch_size']}", "",
+             f"Training steps: best of {result['repeats']} timings of {result['steps']} steps each, "
+             "on one in-memory batch (the step alone); the input pipeline on the real data.", "",
+             "| step | images/s | vs Keras KD | vs student alone |", "| --- | --- | --- | --- |"]
+    for name, rate in rates.items():
+        label = STEP_NAMES.get(name, f"`{name}`")
+        ratio = to_student.get(name)
+        lines.append(f"| {label} | {rate:,.1f} | {to_keras[name]:.3f} | "
+                     f"{'—' if ratio is None else f'{ratio:.3f}'} |")
+    latency = result.get("inference_batch1_ms")
+    if latency:
+        lines += ["", "Batch-1 inference latency (median ms):", "",
+                  "| runtime | student | teacher | teacher / student |", "| --- | --- | --- | --- |"]
+        for fmt, ms in latency["student"].items():
+            lines.append(f"| {fmt} | {ms:.3f} | {latency['teacher'][fmt]:.3f} | "
+                         f"{result['inference_teacher_over_student'][fmt]:.2f}x |")
+    lines += ["", f"Command: `{result['command']}`  ", f"Commit: `{result['git_commit']}`, date "
+              f"{result['date']}  ", f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
+              f"Python {machine['python']}", ""]
+    return "\n".join(lines)
+
+
+def _write_speed_report(result: dict[str, Any], args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from tfkd import io
+    from tfkd.protocol import provenance
+
+    result.update(provenance("python -m tfkd.bench " + shlex.join(args.argv)))
+    out = Path(args.out)
+    io.write_json(out / "speed.json", result)
+    io.write_text(out / "speed.md", speed_markdown(result))
+    print(f"tfkd.bench: wrote {out / 'speed.json'}, speed.md")
 
 
 def _latencies(backbone: Any, runs: int) -> dict[str, float]:
@@ -240,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="input-pipeline batches to time (0: skip)")
     p.add_argument("--latency-runs", type=int, default=200,
                    help="timed batch-1 inference calls per format (0: skip the latency part)")
+    p.add_argument("--out", help="also write speed.json and speed.md (with the command, commit, "
+                                 "date and machine) to this folder")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     from tfkd.errors import TfkdError

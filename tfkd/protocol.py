@@ -310,7 +310,8 @@ def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: st
     return report(protocol, out, job_list, command)
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """The machine a benchmark ran on: core count, CPU model, Python version, platform."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -323,12 +324,21 @@ def _machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The checked-out commit of tfkd's repository, or None outside a git checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def provenance(command: str) -> dict[str, Any]:
+    """What a committed benchmark result records beside its figures: the command that produced
+    it, the git commit, the date (UTC) and the machine."""
+    return {"command": command, "git_commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine()}
 
 
 def _summary(values: list[float | None]) -> dict[str, Any]:
@@ -373,9 +383,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
         "student": protocol.student,
         "epochs": _first_epochs(job_list, protocol), "batch_size": protocol.batch_size,
         "seeds": sorted({job.seed for job in job_list if job.kind == "student"}),
-        "command": command,
-        "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), "machine": _machine(),
+        **provenance(command),
         "complete": all(job.done() for job in job_list),
         "teachers": teachers, "runs": runs,
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
