@@ -110,6 +110,15 @@ def test_discriminator_gives_one_logit_per_map():
     assert [c.filters for c in convs] == [32, 16, 1] and convs[1].strides == (2, 2)
 
 
+@pytest.mark.parametrize("width, filters, params", [(0.25, [8, 4, 1], 4_957), (2.0, [64, 32, 1], 55_777)])
+def test_discriminator_width_scales_its_hidden_channels(width, filters, params):
+    disc = build_discriminator((8, 8, 64), width=width)
+    convs = [l for l in disc.layers if isinstance(l, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == filters
+    # conv1 (3*3*64*h1 + h1) + conv2 (3*3*h1*h2, no bias) + bn (4*h2) + conv3 (3*3*h2 + 1)
+    assert disc.count_params() == params
+
+
 def make_distiller(method="cft", teacher_name="resnet14", student_name="resnet8", sync_bn=False,
                    seed=0, gan_loss="lsgan", stages="last", adapter_relu=False, warmup_steps=0):
     keras.utils.set_random_seed(seed)

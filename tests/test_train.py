@@ -290,3 +290,24 @@ def test_multiworker_training_survives_a_killed_worker(tmp_path):
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs[-1] == 5 and sorted(set(epochs)) == list(range(6))
     assert keras.saving.load_model(run_dir / "teacher.keras") is not None
+
+
+def test_every_distill_option_reaches_the_distiller():
+    from tfkd import config as config_lib
+    from tfkd import models
+
+    cfg = config_lib.load(None, dotlist=[
+        "distill.method=mktn", "distill.alpha=2", "distill.beta=0.5", "distill.gamma=0.3",
+        "distill.ce_weight=0.2", "distill.temperature=3", "distill.gan_loss=bce", "distill.stages=all",
+        "distill.adapter_relu=true", "distill.adv_warmup_epochs=2", "distill.discriminator.width=0.5"])
+    keras.utils.set_random_seed(0)
+    reconstruction, classifier = models.get("resnet14", 10), models.get("resnet14", 10)
+    distiller = train.build_distiller(cfg, models.get("resnet8", 10), [reconstruction, classifier], 7)
+    weights = distiller.loss_weights
+    assert (weights.ce, weights.kd, weights.feat, weights.adv) == (0.2, 0.3, 2.0, 0.5)
+    assert distiller.teacher is classifier and distiller.adversarial_teacher is reconstruction
+    assert distiller.temperature == 3.0 and distiller.gan_loss == "bce"
+    assert distiller.adversarial_warmup_steps == 14  # 2 epochs of 7 steps
+    assert len(distiller.discriminators) == 3 and all(a.relu for a in distiller.adapters)
+    first_convs = [d.get_layer("conv1").filters for d in distiller.discriminators]
+    assert first_convs == [4, 8, 16]  # 16, 32, 64 teacher channels: C/2 times width 0.5

@@ -100,10 +100,12 @@ class StudentConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    """The feature-map discriminators' Adam optimizer (``distill.discriminator.*``)."""
+    """The feature-map discriminators: their capacity and Adam optimizer (``distill.discriminator.*``)."""
 
     learning_rate: float = option(2e-4, "discriminator Adam learning rate")
     beta_1: float = option(0.5, "discriminator Adam beta_1")
+    width: float = option(1.0, "capacity: multiplies the hidden convolutions' channels (C/2, C/4 "
+                               "of a C-channel map)")
 
 
 @dataclass
@@ -131,7 +133,7 @@ class DistillConfig:
                                        "switches on (the discriminator trains throughout)")
     adapter_relu: bool = option(False, "end every ConvBlock adapter with a ReLU (teacher stage "
                                        "outputs are post-ReLU, so non-negative)")
-    discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator optimizer")
+    discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator capacity and optimizer")
 
 
 @dataclass
@@ -301,6 +303,7 @@ def validate(config: RunConfig) -> None:
         _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
     _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",
            distill.discriminator.learning_rate, "> 0")
+    _check(distill.discriminator.width > 0, "distill.discriminator.width", distill.discriminator.width, "> 0")
     export = config.export
     _check(bool(export.formats) and all(f in EXPORT_FORMATS for f in export.formats), "export.formats",
            export.formats, f"a list of {', '.join(EXPORT_FORMATS)}")

@@ -262,29 +262,41 @@ def load_teacher(path: str | Path, data: Any) -> Any:
     return backbone
 
 
+def build_distiller(cfg: config_lib.RunConfig, student: Any, teachers: Sequence[Any],
+                    steps_per_epoch: int) -> Any:
+    """The Distiller of ``cfg.distill`` (uncompiled): the method's loss weights and every option.
+
+    ``teachers`` are loaded backbones in command-line order (mktn: the reconstruction teacher,
+    then the classifier).
+    """
+    from tfkd.distill import Distiller, loss_weights
+
+    dcfg = cfg.distill
+    weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
+                           dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
+    teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
+    adversarial = teachers[0] if len(teachers) == 2 else None
+    return Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
+                     temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
+                     sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
+                     adversarial_warmup_steps=dcfg.adv_warmup_epochs * steps_per_epoch,
+                     discriminator_width=dcfg.discriminator.width, name="distiller")
+
+
 def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   teacher_paths: Sequence[str | Path]) -> dict[str, Any]:
     """Distills the student with the configured method; saves ``student.keras``; returns metrics."""
     import keras
 
     from tfkd import io, models
-    from tfkd.distill import Distiller, loss_weights
 
     dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
     start = time.perf_counter()
     with strategy.scope():
         teachers = [load_teacher(p, data) for p in teacher_paths]
         student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
-        weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
-                               dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
         steps_per_epoch = len(data.train_labels) // batch
-        teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
-        adversarial = teachers[0] if len(teachers) == 2 else None
-        distiller = Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
-                              temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
-                              sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
-                              adversarial_warmup_steps=dcfg.adv_warmup_epochs * steps_per_epoch,
-                              name="distiller")
+        distiller = build_distiller(cfg, student, teachers, steps_per_epoch)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
         d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
                                             beta_1=dcfg.discriminator.beta_1)
@@ -297,7 +309,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
     return {
         "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
-        "terms": {t: getattr(weights, t) for t in weights.active()}, "stages": dcfg.stages,
+        "terms": {t: getattr(distiller.loss_weights, t) for t in distiller.terms}, "stages": dcfg.stages,
         "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"), "params": int(student.count_params()),

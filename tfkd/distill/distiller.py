@@ -80,13 +80,15 @@ class Distiller(keras.Model):
         adversarial_warmup_steps: the student ignores the adversarial term for its first N
             steps (counted by the optimizer, so a resumed run keeps its place); the
             discriminators train from the first step.
+        discriminator_width: multiplies the discriminators' hidden channels (capacity).
     """
 
     def __init__(self, student: keras.Model, teacher: keras.Model | None = None,
                  adversarial_teacher: keras.Model | None = None,
                  weights: LossWeights | None = None, stages: str = "last",
                  temperature: float = 4.0, gan_loss: str = "lsgan", sync_bn: bool = False,
-                 adapter_relu: bool = False, adversarial_warmup_steps: int = 0, **kwargs: Any) -> None:
+                 adapter_relu: bool = False, adversarial_warmup_steps: int = 0,
+                 discriminator_width: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.student = student
         weights = weights or LossWeights()
@@ -126,7 +128,8 @@ class Distiller(keras.Model):
                 self.adversarial_adapters = [ConvBlock(a_shapes[t], sync_bn, adapter_relu,
                                                        name=f"adv_adapter_s{s + 1}")
                                              for s, t in self.adversarial_pairs]
-            self.discriminators = [build_discriminator(a_shapes[t], sync_bn, name=f"discriminator_s{s + 1}")
+            self.discriminators = [build_discriminator(a_shapes[t], sync_bn, f"discriminator_s{s + 1}",
+                                                       discriminator_width)
                                    for s, t in self.adversarial_pairs]
         self.hint_pair: tuple[int, int] | None = None
         self.hint_adapter: ConvBlock | None = None
