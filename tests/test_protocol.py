@@ -39,6 +39,10 @@ def test_shipped_cifar10_protocol_expands_to_teachers_then_every_method(tmp_path
     kinds = [(j.kind, j.name, j.seed) for j in jobs]
     assert kinds[:3] == [("teacher", "rec", 0), ("teacher", "plain", 0), ("teacher", "autoencoder", 0)]
     assert len(jobs) == 3 + 9 * 2
+    default = protocol_lib.jobs(protocol, tmp_path, "/data")  # the headline trio: three seeds
+    assert {(j.name, j.seed) for j in default if j.seed} == {(n, s) for n in ("student", "kd", "cft")
+                                                             for s in (1, 2)}
+    assert len(default) == 3 + 9 + 3 * 2
     mktn = next(j for j in jobs if j.name == "mktn")
     teachers = [mktn.args[i + 1] for i, a in enumerate(mktn.args) if a == "--teacher"]
     assert teachers == [str(tmp_path / "runs/teachers/autoencoder/teacher.keras"),
@@ -122,8 +126,29 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     assert kd["val"]["gain_over_student"] == pytest.approx(0.05)
     assert results["complete"] and results["teachers"]["rec"]["test_accuracy"] == 0.9
     table = (tmp_path / "out/results.md").read_text()
-    assert "| kd | kd | rec | — | 76.00 ± 1.41 | 85.00 ± 2.83 | +4.00 |" in table
+    assert "| kd | kd | rec | — | 0, 1 | 76.00 ± 1.41 | 85.00 ± 2.83 | +4.00 |" in table
     assert (tmp_path / "out/results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_may_have_seeds_of_its_own_and_the_command_line_wins(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY.replace("kd: {method: kd, teachers: [rec]}",
+                                 "kd: {method: kd, teachers: [rec], seeds: [0, 1, 2]}"))
+    protocol = protocol_lib.load(str(path))
+    jobs = protocol_lib.jobs(protocol, tmp_path, None)
+    assert [(j.kind, j.name, j.seed) for j in jobs] == [
+        ("teacher", "rec", 0), ("student", "student", 0), ("student", "kd", 0),
+        ("student", "kd", 1), ("student", "kd", 2)]
+    assert jobs[-1].run_dir == tmp_path / "runs/kd/seed2" and "--seed" in jobs[-1].args
+    assert jobs[-1].args[jobs[-1].args.index("--seed") + 1] == "2"
+    override = protocol_lib.jobs(protocol, tmp_path, None, seeds=[5, 6])
+    assert [(j.name, j.seed) for j in override] == [("rec", 5), ("student", 5), ("student", 6),
+                                                   ("kd", 5), ("kd", 6)]
+    for bad in ("[]", "[0, 0]", "[a]"):
+        path.write_text(TINY.replace("kd: {method: kd, teachers: [rec]}",
+                                     f"kd: {{method: kd, teachers: [rec], seeds: {bad}}}"))
+        with pytest.raises(ConfigError, match=r"runs.kd.seeds: expected a non-empty list of distinct"):
+            protocol_lib.load(str(path))
 
 
 def test_a_changed_setting_never_reuses_a_cached_run(tmp_path):

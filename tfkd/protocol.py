@@ -33,7 +33,7 @@ PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
 PROTOCOL_KEYS = {"description", "dataset", "epochs", "batch_size", "seeds", "student", "set",
                  "teachers", "runs"}
 TEACHER_KEYS = {"model", "set"}
-RUN_KEYS = {"method", "teachers", "set", "ablation", "description"}
+RUN_KEYS = {"method", "teachers", "set", "ablation", "description", "seeds"}
 BASELINE = "student"
 
 
@@ -56,6 +56,7 @@ class Run:
     set: dict[str, Any] = field(default_factory=dict)
     ablation: bool = False
     description: str = ""
+    seeds: list[int] | None = None  # None: the protocol's seeds
 
 
 @dataclass
@@ -87,6 +88,13 @@ def _known(entry: dict[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key '{unknown[0]}' (expected {', '.join(sorted(allowed))})")
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) for s in value) \
+            or len(set(value)) != len(value):
+        raise ConfigError(f"{where}: expected a non-empty list of distinct integers, got {value!r}")
+    return value
 
 
 def resolve(protocol: str) -> Path:
@@ -140,13 +148,12 @@ def load(protocol: str) -> Protocol:
                 raise ConfigError(f"{where}: teacher {teacher!r} is not in teachers "
                                   f"({', '.join(teachers)})")
         runs[name] = Run(name, method, run_teachers, _mapping(entry.get("set"), f"{where}.set"),
-                         bool(entry.get("ablation", False)), str(entry.get("description", "")))
+                         bool(entry.get("ablation", False)), str(entry.get("description", "")),
+                         _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else None)
     if BASELINE not in runs:
         raise ConfigError(f"{path}: runs: a run named '{BASELINE}' (the student alone) is needed "
                           "to report gains")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    seeds = _seeds(raw.get("seeds", [0]), f"{path}: seeds")
     epochs = raw["epochs"]
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"{path}: epochs: expected a positive integer, got {epochs!r}")
@@ -248,9 +255,13 @@ def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
 def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None = None,
          seeds: Sequence[int] | None = None, only: Sequence[str] | None = None,
          overrides: Sequence[str] = (), validation_only: bool = False) -> list[Job]:
-    """Every process the protocol needs, teachers first, in protocol order."""
+    """Every process the protocol needs, teachers first, in protocol order.
+
+    Each student run uses ``seeds`` when given, else its own ``seeds`` in the protocol file, else
+    the protocol's; teachers are trained once, with the first of ``seeds`` or the protocol's.
+    """
     epochs = epochs or protocol.epochs
-    seeds = list(seeds or protocol.seeds)
+    teacher_seed = (list(seeds) if seeds else protocol.seeds)[0]
     selected = [protocol.runs[name] for name in (only or protocol.runs)]
     for name in only or []:
         if name not in protocol.runs:
@@ -267,12 +278,12 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
     for name in (t for t in protocol.teachers if t in needed):  # teachers: first seed only
         teacher = protocol.teachers[name]
         run_dir = out / "runs" / "teachers" / name
-        result.append(Job("teacher", name, seeds[0], run_dir, [
+        result.append(Job("teacher", name, teacher_seed, run_dir, [
             "--stage", "teacher", "--method", "cft", "--teacher-model", teacher.model,
-            "--seed", str(seeds[0]), "--run-dir", str(run_dir), *common,
+            "--seed", str(teacher_seed), "--run-dir", str(run_dir), *common,
             *_set_flags(protocol.set, "teacher"), *_set_flags(teacher.set), *extra["teacher"]]))
     for run in selected:
-        for seed in seeds:
+        for seed in list(seeds or run.seeds or protocol.seeds):
             run_dir = out / "runs" / run.name / f"seed{seed}"
             teacher_flags = [item for t in run.teachers
                              for item in ("--teacher", str(out / "runs" / "teachers" / t / "teacher.keras"))]
@@ -424,17 +435,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {t.get('model') or '—'} | {weights[0]} | "
                      f"{weights[1]} | {_pct(t.get('val_accuracy'))} | "
                      f"{_pct(t.get('test_accuracy'))} | {psnr} |")
-    lines += ["", "| run | method | teachers | overrides | val top-1 % | test top-1 % | "
-                  "test gain over student (pt) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| run | method | teachers | overrides | seeds | val top-1 % | test top-1 % | "
+                  "test gain over student (pt) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results["runs"].items():
         overrides = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "—"
         test = r["test"]
         lines.append(f"| {name}{' (ablation)' if r['ablation'] else ''} | {r['method']} | "
-                     f"{', '.join(r['teachers']) or '—'} | {overrides} | "
+                     f"{', '.join(r['teachers']) or '—'} | {overrides} | {', '.join(r['seeds'])} | "
                      f"{_pct(r['val']['mean'], r['val']['std'], r['val']['n'])} | "
                      f"{_pct(test['mean'], test['std'], test['n'])} | "
                      f"{_pct(test['gain_over_student'], signed=True)} |")
     ratio = results.get("cft_gain_over_kd_gain")
+    if any(r["test"]["n"] > 1 for r in results["runs"].values()):
+        lines += ["", "With several seeds: mean ± sample standard deviation over them; a gain is "
+                      "the difference of the means."]
     lines += ["", f"cft's gain over the student alone / kd's gain: "
                   f"{'—' if ratio is None else f'{ratio:.2f}x'}", "",
               f"Command: `{results['command']}`  ",
