@@ -218,6 +218,7 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
         metrics = json.loads((out / "runs" / name / "seed0" / "metrics.json").read_text())
         assert results["runs"][name]["seeds"]["0"]["test_accuracy"] == metrics["test_accuracy"]
         assert 0.0 < metrics["test_accuracy"] <= 1.0
+    student_test = results["runs"]["student"]["test"]["mean"]
     assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out}"
     assert results["machine"]["cpu_count"] == os.cpu_count() and results["complete"]
     # An interrupted protocol: the kd run lost its result; only it runs again.
@@ -228,6 +229,14 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     assert "2 of 3 runs cached" in second.stdout
     assert "kd seed 0" in second.stdout and "student seed 0" not in second.stdout
     assert (out / "runs/kd/seed0/student.keras").is_file()
+    # Running a subset still reports every finished run, and records the whole protocol's command.
+    (out / "runs/kd/seed0/student.keras").unlink()
+    subset = _bench(["--protocol", str(path), "--only", "kd", "--out", str(out)], tmp_path)
+    assert subset.returncode == 0, subset.stderr[-2000:]
+    assert "1 of 2 runs cached" in subset.stdout and "kd seed 0" in subset.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["runs"]["student"]["test"]["mean"] == student_test
+    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out}"
     stale = _bench(["--protocol", str(path), "--out", str(out), "--epochs", "2"], tmp_path)
     assert stale.returncode == 2 and "other settings" in stale.stderr
 

@@ -232,12 +232,20 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or Path("benchmarks") / "results" / protocol.name)
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
                                  args.set, args.validation_only)
-    # the command that trains these runs (a --report-only rewrite records the same one)
-    command = "python -m tfkd.bench " + shlex.join(a for a in args.argv if a != "--report-only")
+    # the report covers every run of the protocol, finished ones from the cache, even with --only
+    every_job = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, None,
+                                  args.set, args.validation_only)
+    # the command that trains every reported run: without --report-only and --only RUN ...
+    kept, skipping = [], False
+    for arg in args.argv:
+        skipping = arg == "--only" or (skipping and not arg.startswith("--"))
+        if not skipping and arg != "--report-only":
+            kept.append(arg)
+    command = "python -m tfkd.bench " + shlex.join(kept)
     if args.report_only:
-        results = protocol_lib.report(protocol, out, job_list, command)
+        results = protocol_lib.report(protocol, out, every_job, command)
     else:
-        results = protocol_lib.run_protocol(protocol, out, job_list, command)
+        results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=every_job)
     print(protocol_lib.markdown(results))
     print(f"tfkd.bench: wrote {out / 'results.json'}, results.md, results.png")
     return results

@@ -304,8 +304,11 @@ def _launch(job: Job) -> None:
 
 
 def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: str,
-                 launch: Callable[[Job], None] = _launch) -> dict[str, Any]:
-    """Runs every unfinished job in turn (finished ones are cached), then writes the report."""
+                 launch: Callable[[Job], None] = _launch,
+                 report_jobs: list[Job] | None = None) -> dict[str, Any]:
+    """Runs every unfinished job in turn (finished ones are cached), then writes the report of
+    ``report_jobs`` (default: the jobs run; pass the whole protocol's so that running a subset
+    with ``--only`` still reports every finished run)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +321,7 @@ def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: st
         if not job.done():
             raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "
                                 f"results in {job.run_dir}/metrics.json")
-    return report(protocol, out, job_list, command)
+    return report(protocol, out, report_jobs or job_list, command)
 
 
 def machine() -> dict[str, Any]:
@@ -360,13 +363,23 @@ def _summary(values: list[float | None]) -> dict[str, Any]:
     return {"mean": statistics.fmean(present), "std": std, "n": len(present)}
 
 
+def _finished(job: Job) -> bool:
+    """``job.done()``, except that a run folder of other settings counts as unfinished (a report
+    leaves it out; only running it refuses it)."""
+    try:
+        return job.done()
+    except ConfigError:
+        return False
+
+
 def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> dict[str, Any]:
     """Collects the finished runs into results.json, results.md and results.png in ``out``."""
     from tfkd import io
 
     teachers, runs = {}, {}
+    finished = {id(job): _finished(job) for job in job_list}
     for job in job_list:
-        result = _result(job.run_dir, job.kind) or {}
+        result = (_result(job.run_dir, job.kind) if finished[id(job)] else None) or {}
         if job.kind == "teacher":
             teachers[job.name] = {key: result.get(key) for key in (
                 "model", "lambda_cls", "lambda_rec", "val_accuracy", "test_accuracy", "test_psnr",
@@ -395,7 +408,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
         "epochs": _first_epochs(job_list, protocol), "batch_size": protocol.batch_size,
         "seeds": sorted({job.seed for job in job_list if job.kind == "student"}),
         **provenance(command),
-        "complete": all(job.done() for job in job_list),
+        "complete": all(finished.values()),
         "teachers": teachers, "runs": runs,
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
     }
