@@ -163,29 +163,50 @@ def test_a_changed_setting_never_reuses_a_cached_run(tmp_path):
 
 
 def test_a_changed_default_never_reuses_a_cached_run(tmp_path):
-    """Same arguments, other settings: the run folder's config.yaml says what the run used."""
+    """Same arguments, other settings: the run folder's config.yaml says what the run used, and
+    only the settings a run reads count (a teacher reads no distill.*, kd no cft option)."""
     from tfkd import config as config_lib
     from tfkd.train import build_parser, config_from_args
 
     path = tmp_path / "p.yaml"
-    path.write_text(TINY)
+    path.write_text(TINY + "  cft: {method: cft, teachers: [rec]}\n")
     protocol = protocol_lib.load(str(path))
-    teacher, _, kd = protocol_lib.jobs(protocol, tmp_path / "out", None)
-    for job in (teacher, kd):
+    teacher, _, kd, cft = protocol_lib.jobs(protocol, tmp_path / "out", None)
+
+    def made_with(job, **changes):  # the run folder as if made when those were the defaults
         cfg = config_from_args(build_parser().parse_args(job.args))
-        _fake_run(job.run_dir, job.kind, val_accuracy=0.5)
+        for key, value in changes.items():
+            setattr(cfg.distill, key, value)
         (job.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
+
+    for job in (teacher, kd, cft):
+        _fake_run(job.run_dir, job.kind, val_accuracy=0.5)
+        made_with(job)
         job.record()
         assert job.changed_setting() is None and job.done()
-        cfg.distill.gamma = 0.0  # as if the run had been made before the default changed
-        (job.run_dir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-    assert teacher.done()  # a teacher run never reads distill.*
-    assert kd.changed_setting() == "distill.gamma is 0.0 there, 0.9 now"
+        made_with(job, gamma=0.0)
+    assert teacher.done() and kd.done()  # neither reads distill.gamma
+    assert cft.changed_setting() == "distill.gamma is 0.0 there, 0.9 now"
     with pytest.raises(ConfigError, match="distill.gamma is 0.0 there, 0.9 now"):
-        kd.done()
-    text = (kd.run_dir / "config.yaml").read_text().replace("  gamma: 0.0\n", "")
-    (kd.run_dir / "config.yaml").write_text(text)  # an option the run predates is not compared
-    assert "gamma" not in text and kd.done()
+        cft.done()
+    made_with(kd, temperature=2.0)  # kd reads the temperature
+    assert kd.changed_setting() == "distill.temperature is 2.0 there, 4.0 now"
+    text = (cft.run_dir / "config.yaml").read_text().replace("  gamma: 0.0\n", "")
+    (cft.run_dir / "config.yaml").write_text(text)  # an option the run predates is not compared
+    assert "gamma" not in text and cft.done()
+
+
+def test_every_distill_option_is_read_by_some_method():
+    """OPTIONS_READ must name every distill option: one it forgot would never invalidate a run."""
+    import dataclasses
+
+    from tfkd.config import DistillConfig
+    from tfkd.distill.methods import METHODS, reads_option
+
+    for option in (f.name for f in dataclasses.fields(DistillConfig)):
+        assert any(reads_option(m, option) for m in METHODS), option
+    assert reads_option("cft", "discriminator.learning_rate")
+    assert not reads_option("kd", "discriminator.learning_rate") and not reads_option("student", "temperature")
 
 
 def _bench(args, cwd):

@@ -218,21 +218,28 @@ class Job:
         return _result(self.run_dir, self.kind) is not None
 
     def changed_setting(self) -> str | None:
-        """The first setting this kind of run reads whose value in the run folder's
-        ``config.yaml`` differs from what the job's arguments resolve to now (same arguments can
-        still mean other settings when a default changed); None if all agree. Keys the folder
-        does not have (options added since) are not compared."""
+        """The first setting this run reads whose value in the run folder's ``config.yaml``
+        differs from what the job's arguments resolve to now (same arguments can still mean other
+        settings when a default changed); None if all agree. A student run reads the ``distill.*``
+        options of its method only (``methods.OPTIONS_READ``). Keys the folder does not have
+        (options added since) are not compared."""
         saved = self.run_dir / "config.yaml"
         if not saved.is_file():
             return None
         from tfkd import config as config_lib
         from tfkd.train import build_parser, config_from_args
 
+        from tfkd.distill.methods import reads_option
+
         now = _flatten(yaml.safe_load(config_lib.to_yaml(config_from_args(build_parser().parse_args(self.args)))))
         then = _flatten(yaml.safe_load(saved.read_text()) or {})
         for key in sorted(now):
-            if key in then and then[key] != now[key] and _applies(key, self.kind):
-                return f"{key} is {then[key]!r} there, {now[key]!r} now"
+            if key not in then or then[key] == now[key] or not _applies(key, self.kind):
+                continue
+            if self.kind == "student" and key.startswith("distill.") and \
+                    not reads_option(now["distill.method"], key.split(".", 1)[1]):
+                continue
+            return f"{key} is {then[key]!r} there, {now[key]!r} now"
         return None
 
     def record(self) -> None:

@@ -55,6 +55,27 @@ def loss_weights(method: str, alpha: float = 1.0, beta: float = 0.1, gamma: floa
     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
+#: The ``distill.*`` options (top-level names) each method reads besides ``method`` and
+#: ``teachers``: a cached benchmark run goes stale only when one of these changes (a kd run does
+#: not care about the discriminator's learning rate).
+_ADVERSARIAL = ("stages", "alpha", "beta", "gamma", "ce_weight", "temperature", "gan_loss",
+                "adv_warmup_epochs", "adapter_relu", "discriminator")
+OPTIONS_READ: dict[str, tuple[str, ...]] = {
+    "student": (),
+    "kd": ("temperature", "kd_alpha"),
+    "fitnet": ("hint_weight", "adapter_relu"),
+    "at": ("at_weight",),
+    "cft": _ADVERSARIAL,
+    "mktn": _ADVERSARIAL,
+}
+
+
+def reads_option(method: str, option: str) -> bool:
+    """Whether ``method`` reads the ``distill.<option>`` setting (dotted sub-keys allowed)."""
+    top = option.split(".", 1)[0]
+    return top in ("method", "teachers") or top in OPTIONS_READ[method]
+
+
 def teachers_needed(method: str) -> int:
     """How many teachers ``method`` takes: 0 (student alone), 1, or 2 (mktn)."""
     return {"student": 0, "mktn": 2}.get(method, 1)
