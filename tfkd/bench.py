@@ -115,7 +115,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         distiller = Distiller(models.get(args.student_model, 10),
                               None if method == "student" else teacher,
                               teacher2 if mktn else None, loss_weights(method))
-        distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
+        distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(2e-5, beta_1=0.5))
         distiller.build_all()
         rates[method] = _fit_rate(distiller, batch, args.steps, args.repeats)
     if args.pipeline_batches:

@@ -102,7 +102,8 @@ class StudentConfig:
 class DiscriminatorConfig:
     """The feature-map discriminators: their capacity and Adam optimizer (``distill.discriminator.*``)."""
 
-    learning_rate: float = option(2e-4, "discriminator Adam learning rate")
+    learning_rate: float = option(2e-5, "discriminator Adam learning rate (2e-4 saturated the "
+                                         "discriminator on CIFAR-10: benchmarks/README.md)")
     beta_1: float = option(0.5, "discriminator Adam beta_1")
     width: float = option(1.0, "capacity: multiplies the hidden convolutions' channels (C/2, C/4 "
                                "of a C-channel map)")
