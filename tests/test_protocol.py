@@ -130,6 +130,21 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     assert (tmp_path / "out/results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_names_the_seeds_a_partial_row_comes_from(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1, 2]"))
+    protocol = protocol_lib.load(str(path))
+    jobs = protocol_lib.jobs(protocol, tmp_path / "out", None)
+    kd_jobs = [job for job in jobs if job.name == "kd"]
+    for job, test in zip(kd_jobs[:2], [0.80, 0.84]):  # seed 2 has not run
+        _fake_run(job.run_dir, "student", val_accuracy=test, test_accuracy=test)
+    results = protocol_lib.report(protocol, tmp_path / "out", jobs, "cmd")
+    assert results["runs"]["kd"]["test"]["n"] == 2 and not results["runs"]["kd"]["seeds"]["2"]["finished"]
+    table = (tmp_path / "out/results.md").read_text()
+    assert "| kd | kd | rec | — | 0, 1 (not finished: 2) | 82.00 ± 2.83 | 82.00 ± 2.83 | — |" in table
+    assert "| student | student | — | — | — | — | — | — |" in table
+
+
 def test_a_run_may_have_seeds_of_its_own_and_the_command_line_wins(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(TINY.replace("kd: {method: kd, teachers: [rec]}",

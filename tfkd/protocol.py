@@ -396,8 +396,8 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
             "method": protocol.runs[job.name].method, "teachers": protocol.runs[job.name].teachers,
             "set": protocol.runs[job.name].set, "ablation": protocol.runs[job.name].ablation,
             "description": protocol.runs[job.name].description, "seeds": {}})
-        entry["seeds"][str(job.seed)] = {key: result.get(key) for key in (
-            "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds")}
+        entry["seeds"][str(job.seed)] = {"finished": finished[id(job)], **{key: result.get(key) for key in (
+            "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds")}}
     for entry in runs.values():
         for split in ("val", "test"):
             entry[split] = _summary([s[f"{split}_accuracy"] for s in entry["seeds"].values()])
@@ -439,6 +439,13 @@ def _pct(value: float | None, std: float | None = None, n: int = 1, signed: bool
     return text + (f" ± {std * 100:.2f}" if n > 1 and std is not None else "")
 
 
+def _seeds_cell(seeds: dict[str, dict[str, Any]]) -> str:
+    """The seeds a row's figures come from, and those still to run (their figures are missing)."""
+    done = [seed for seed, r in seeds.items() if r["finished"]]
+    todo = [seed for seed in seeds if seed not in done]
+    return (", ".join(done) or "—") + (f" (not finished: {', '.join(todo)})" if done and todo else "")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown: teachers, then one row per student run."""
     machine = results["machine"]
@@ -461,7 +468,7 @@ def markdown(results: dict[str, Any]) -> str:
         overrides = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "—"
         test = r["test"]
         lines.append(f"| {name}{' (ablation)' if r['ablation'] else ''} | {r['method']} | "
-                     f"{', '.join(r['teachers']) or '—'} | {overrides} | {', '.join(r['seeds'])} | "
+                     f"{', '.join(r['teachers']) or '—'} | {overrides} | {_seeds_cell(r['seeds'])} | "
                      f"{_pct(r['val']['mean'], r['val']['std'], r['val']['n'])} | "
                      f"{_pct(test['mean'], test['std'], test['n'])} | "
                      f"{_pct(test['gain_over_student'], signed=True)} |")
@@ -495,7 +502,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for bar, name in zip(bars, names):
         gain = results["runs"][name]["test"]["gain_over_student"]
         label = "—" if results["runs"][name]["test"]["mean"] is None else (
-            "alone" if name == BASELINE else f"{gain * 100:+.2f}")
+            "alone" if name == BASELINE else "no student yet" if gain is None else f"{gain * 100:+.2f}")
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     present = [m for m in means if m > 0]
