@@ -499,11 +499,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     colors = ["#999999" if n == BASELINE else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
               for n in names]
     bars = ax.bar(names, means, yerr=stds if any(stds) else None, color=colors, capsize=3)
-    for bar, name in zip(bars, names):
+    for bar, name, std in zip(bars, names, stds):
         gain = results["runs"][name]["test"]["gain_over_student"]
         label = "—" if results["runs"][name]["test"]["mean"] is None else (
             "alone" if name == BASELINE else "no student yet" if gain is None else f"{gain * 100:+.2f}")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     present = [m for m in means if m > 0]
     if present:
