@@ -227,9 +227,8 @@ class Job:
         if not saved.is_file():
             return None
         from tfkd import config as config_lib
-        from tfkd.train import build_parser, config_from_args
-
         from tfkd.distill.methods import reads_option
+        from tfkd.train import build_parser, config_from_args
 
         now = _flatten(yaml.safe_load(config_lib.to_yaml(config_from_args(build_parser().parse_args(self.args)))))
         then = _flatten(yaml.safe_load(saved.read_text()) or {})
