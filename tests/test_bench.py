@@ -22,9 +22,9 @@ def test_speed_writes_rates_ratios_and_provenance(tmp_path):
     assert all(rate > 0 for rate in rates.values())
     for name, rate in rates.items():  # ratios are of the printed rates, rounded to 3 places
         assert report["training_ratio_to_keras_distiller_kd"][name] == pytest.approx(
-            rate / rates["keras_distiller_kd"], abs=2e-3)
+            rate / rates["keras_distiller_kd"], abs=6e-4)
         assert report["training_ratio_to_student_alone"][name] == pytest.approx(
-            rate / rates["student"], abs=2e-3)
+            rate / rates["student"], abs=6e-4)
     assert report["command"].startswith("python -m tfkd.bench speed --methods student kd cft")
     assert report["machine"]["cpu_count"] == os.cpu_count() and len(report["git_commit"]) == 40
     table = (tmp_path / "speed/speed.md").read_text()
