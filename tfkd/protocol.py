@@ -497,7 +497,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax = fig.subplots()
     colors = ["#999999" if n == BASELINE else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
               for n in names]
-    bars = ax.bar(names, means, yerr=stds if any(stds) else None, color=colors, capsize=3)
+    bars = ax.bar(names, means, color=colors)
+    spread = [i for i, n in enumerate(names) if results["runs"][n]["test"]["n"] > 1]
+    if spread:  # error bars only where there are seeds to spread over (one seed: no std, no bar)
+        ax.errorbar([names[i] for i in spread], [means[i] for i in spread],
+                    yerr=[stds[i] for i in spread], fmt="none", ecolor="black", capsize=3)
     for bar, name, std in zip(bars, names, stds):
         gain = results["runs"][name]["test"]["gain_over_student"]
         label = "—" if results["runs"][name]["test"]["mean"] is None else (
@@ -509,7 +513,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(max(0.0, min(present) - 5), min(100.0, max(present) + 3))
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{results['protocol']}: {results['student']} student, {results['epochs']} epochs "
-                 "(label: gain over the student alone, pt)", fontsize=9)
+                 "(label: gain over the student alone, pt; error bars: std over seeds)", fontsize=9)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
