@@ -60,24 +60,36 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fit_rate(model: Any, batch: tuple[Any, Any], steps: int, repeats: int = 3) -> float:
-    """Images/s of ``model.fit`` on one in-memory batch repeated (measures the step alone).
+    """Images/s of ``model.fit`` on one in-memory batch repeated (measures the step alone)."""
+    return _fit_rates({"model": model}, batch, steps, repeats)["model"]
 
-    Timed from the first to the last batch end inside ``fit``, so set-up and tear-down are left
-    out (on this machine ``fit`` sometimes spends ~2 s after ``on_train_end``); the best of
-    ``repeats`` timings, the one least disturbed by other work on the machine.
+
+def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
+               repeats: int = 3) -> dict[str, float]:
+    """Images/s of each model's ``fit`` on one in-memory batch repeated (the step alone).
+
+    Each timing runs from the first to the last batch end inside ``fit``, so set-up and
+    tear-down are left out (on this machine ``fit`` sometimes spends ~2 s after
+    ``on_train_end``). The models take turns, one timing each per round, so a slow spell of a
+    shared machine falls on every model rather than on whichever was being timed; each keeps the
+    best of its ``repeats`` timings, the one least disturbed by other work.
     """
     import keras
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensors(batch).repeat()
-    model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
-    best = float("inf")
+    for model in models.values():
+        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
+    best = {name: float("inf") for name in models}
     for _ in range(max(repeats, 1)):
-        ends: list[float] = []
-        clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
-        model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=[clock])
-        best = min(best, ends[-1] - ends[0])  # ``steps`` steps between the first and last batch end
-    return steps * int(batch[1].shape[0]) / best
+        for name, model in models.items():
+            ends: list[float] = []
+            clock = keras.callbacks.LambdaCallback(
+                on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
+            model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
+                      callbacks=[clock])
+            best[name] = min(best[name], ends[-1] - ends[0])  # ``steps`` steps between the ends
+    return {name: steps * int(batch[1].shape[0]) / seconds for name, seconds in best.items()}
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +114,6 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     def logits_only(model: Any) -> Any:
         return keras.Model(model.input, model.output["logits"])
 
-    rates: dict[str, float] = {}
     student_model = models.get(args.student_model, 10)
     reference = keras.distillation.Distiller(
         teacher=logits_only(teacher), student=logits_only(student_model),
@@ -110,7 +121,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             temperature=4.0, loss=keras.losses.KLDivergence()),
         student_loss_weight=0.1)
     reference.compile(optimizer=sgd(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rates["keras_distiller_kd"] = _fit_rate(reference, batch, args.steps, args.repeats)
+    steps_to_time: dict[str, Any] = {"keras_distiller_kd": reference}
     disc = DiscriminatorConfig()  # the training defaults, so the timed step is the one users run
     for method in args.methods:
         mktn = method == "mktn"
@@ -120,7 +131,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(
             disc.learning_rate, beta_1=disc.beta_1))
         distiller.build_all()
-        rates[method] = _fit_rate(distiller, batch, args.steps, args.repeats)
+        steps_to_time[method] = distiller
+    rates = _fit_rates(steps_to_time, batch, args.steps, args.repeats)
     if args.pipeline_batches:
         from tfkd import data as data_lib
 
@@ -167,7 +179,8 @@ def speed_markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines = [f"# Speed: {result['teacher']} -> {result['student']}, batch {result['batch_size']}", "",
              f"Training steps: best of {result['repeats']} timings of {result['steps']} steps each, "
-             "on one in-memory batch (the step alone); the input pipeline on the real data.", "",
+             "the steps taking turns, on one in-memory batch (the step alone); the input pipeline "
+             "on the real data.", "",
              "| step | images/s | vs Keras KD | vs student alone |", "| --- | --- | --- | --- |"]
     for name, rate in rates.items():
         label = STEP_NAMES.get(name, f"`{name}`")
@@ -291,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--student-model", default="resnet8")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=30, help="timed steps per method and repeat")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timings per method; the fastest is reported (default 3)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timings per method, the methods taking turns; the fastest is reported "
+                        "(default 5)")
     p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
                    help="methods to time")
     p.add_argument("--dataset", help="dataset of the input-pipeline measurement (default: "
