@@ -41,7 +41,8 @@ def _train_step_rate(cfg: Any, data: Any, steps: int) -> float:
     teacher = ReconstructionTeacher(models.get(cfg.model, data.num_classes, data.image_shape),
                                     pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist())
     teacher.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
-    return _fit_rate(teacher, next(iter(data.train_dataset(cfg.batch_size))), steps)
+    batch = next(iter(data.train_dataset(cfg.batch_size)))
+    return _fit_rates({"teacher": teacher}, batch, steps)["teacher"]
 
 
 def pipeline(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,11 +58,6 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
               "pipeline_over_step": round(pipe / step, 2), "cpu_count": os.cpu_count()}
     print(json.dumps(result, indent=2))
     return result
-
-
-def _fit_rate(model: Any, batch: tuple[Any, Any], steps: int, repeats: int = 3) -> float:
-    """Images/s of ``model.fit`` on one in-memory batch repeated (measures the step alone)."""
-    return _fit_rates({"model": model}, batch, steps, repeats)["model"]
 
 
 def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
@@ -100,6 +96,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     from tfkd import models
     from tfkd.config import DiscriminatorConfig
     from tfkd.distill import Distiller, loss_weights
+    from tfkd.train import discriminator_optimizer
 
     rng = np.random.default_rng(0)
     batch = (rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
@@ -128,8 +125,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         distiller = Distiller(models.get(args.student_model, 10),
                               None if method == "student" else teacher,
                               teacher2 if mktn else None, loss_weights(method))
-        distiller.compile(optimizer=sgd(), discriminator_optimizer=keras.optimizers.Adam(
-            disc.learning_rate, beta_1=disc.beta_1))
+        distiller.compile(optimizer=sgd(), discriminator_optimizer=discriminator_optimizer(disc))
         distiller.build_all()
         steps_to_time[method] = distiller
     rates = _fit_rates(steps_to_time, batch, args.steps, args.repeats)

@@ -146,6 +146,13 @@ def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
                                 nesterov=True, weight_decay=opt.weight_decay or None)
 
 
+def discriminator_optimizer(disc: config_lib.DiscriminatorConfig) -> Any:
+    """The discriminators' Adam from ``distill.discriminator``; ``bench speed`` times the same one."""
+    import keras
+
+    return keras.optimizers.Adam(disc.learning_rate, beta_1=disc.beta_1)
+
+
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
          extra_callbacks: list[Any]) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
     """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter)."""
@@ -286,8 +293,6 @@ def build_distiller(cfg: config_lib.RunConfig, student: Any, teachers: Sequence[
 def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   teacher_paths: Sequence[str | Path]) -> dict[str, Any]:
     """Distills the student with the configured method; saves ``student.keras``; returns metrics."""
-    import keras
-
     from tfkd import io, models
 
     dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
@@ -298,9 +303,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         steps_per_epoch = len(data.train_labels) // batch
         distiller = build_distiller(cfg, student, teachers, steps_per_epoch)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
-        d_optimizer = keras.optimizers.Adam(dcfg.discriminator.learning_rate,
-                                            beta_1=dcfg.discriminator.beta_1)
-        distiller.compile(optimizer=optimizer, discriminator_optimizer=d_optimizer)
+        distiller.compile(optimizer=optimizer,
+                          discriminator_optimizer=discriminator_optimizer(dcfg.discriminator))
         distiller.build_all()
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
