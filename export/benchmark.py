@@ -12,7 +12,6 @@ Exit codes: 0 done, 2 bad arguments, 3 bad input, 4 bad model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import MODEL_SUFFIXES, EdgeModel, KitError
+from runtimes import MODEL_SUFFIXES, EdgeModel, KitError, KitParser, count
 
 
 def find_models(inputs: list[str]) -> list[Path]:
@@ -90,11 +89,13 @@ def plot(results: list[dict], path: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = KitParser(prog="benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", nargs="+", help="model files or folders of them")
-    parser.add_argument("--threads", type=int, default=0, help="runtime threads (default: runtime's)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--threads", type=count(0), default=0, help="runtime threads (default: runtime's)")
+    parser.add_argument("--warmup", type=count(0), default=10)
+    parser.add_argument("--runs", type=count(1), default=100)
+    parser.add_argument("--image-size", type=count(1),
+                        help="side in pixels, for a model that takes any image size")
     parser.add_argument("--batch-sizes", default="8,32", help="comma-separated (default 8,32)")
     parser.add_argument("--out", help="folder for benchmark.json and benchmark.png")
     args = parser.parse_args(argv)
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_models(args.inputs)
         results = []
         for path in paths:
-            results.append(measure(EdgeModel(path, args.threads), sizes, args.warmup, args.runs))
+            results.append(measure(EdgeModel(path, args.threads, args.image_size), sizes,
+                                   args.warmup, args.runs))
             r = results[-1]
             print(f"{r['file']:24s} {r['runtime']:12s} batch-1 p50 {r['batch1_ms']['p50']:8.3f} ms  "
                   f"p90 {r['batch1_ms']['p90']:8.3f}  p99 {r['batch1_ms']['p99']:8.3f}  " +
@@ -117,8 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     except KitError as error:
         print(f"benchmark: error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:
+        print("benchmark: interrupted", file=sys.stderr)
+        return 130
     out = Path(args.out) if args.out else (paths[0].parent)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "not writable", str(out))
+    except OSError as error:
+        print(f"benchmark: error: {out}: cannot write the report ({error.strerror})", file=sys.stderr)
+        return 2
     report = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
                           "python": platform.python_version()},
               "threads": args.threads, "warmup": args.warmup, "runs": args.runs, "models": results}

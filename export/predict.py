@@ -11,28 +11,50 @@ Exit codes: 0 done, 2 bad arguments, 3 bad input, 4 bad model.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from runtimes import EdgeModel, KitError, softmax
+from runtimes import EdgeModel, KitError, KitParser, count, softmax
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
+def _to_rgb(image):
+    """RGB at 8 bits as tfkd's training decodes it: 16-bit images keep their high byte (a plain
+    ``convert("RGB")`` clips 16-bit grayscale to white); alpha is dropped, not composited."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.uint32)
+        if image.mode == "I" and values.max(initial=0) <= 255:
+            gray = values.astype(np.uint8)
+        else:
+            gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Any image file (grayscale and RGBA included) as RGB float32 pixels at ``size``."""
+    """Any image file (grayscale, RGBA, 16-bit included) as RGB float32 pixels at ``size``."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                image = _to_rgb(image)
             if image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.BILINEAR)
             return np.asarray(image, dtype=np.float32)
-    except (UnidentifiedImageError, OSError):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise KitError(f"{path}: image too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} "
+                       "pixels: a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise KitError(f"{path}: not a readable image") from None
 
 
@@ -70,31 +92,46 @@ def load_inputs(paths: list[str], size: tuple[int, int]) -> tuple[list[str], np.
     return names, np.concatenate(batches)
 
 
-def read_labels(model_path: Path, labels: str | None, count: int) -> list[str]:
+def read_labels(model_path: Path, labels: str | None, classes: int) -> list[str]:
+    """Class names: ``labels`` (or labels.txt beside the model), one per line; class numbers
+    when there is no labels file beside the model. A file of the wrong length is an error."""
     path = Path(labels) if labels else model_path.parent / "labels.txt"
-    if path.is_file():
-        names = path.read_text().splitlines()
-        if len(names) == count:
-            return names
-    return [str(i) for i in range(count)]
+    if not path.is_file():
+        if labels:
+            raise KitError(f"{path}: labels file not found", 2)
+        return [str(i) for i in range(classes)]
+    try:
+        names = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise KitError(f"{path}: not a readable text file of labels") from None
+    if names and not names[-1].strip():
+        names = names[:-1]
+    if len(names) != classes:
+        raise KitError(f"{path}: {len(names)} labels for a model with {classes} classes")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = KitParser(prog="predict", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a .onnx or .tflite file from tfkd.export")
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or .npy batches")
-    parser.add_argument("--top", type=int, default=3, help="classes to show per input (default 3)")
+    parser.add_argument("--top", type=count(1), default=3, help="classes to show per input (default 3)")
     parser.add_argument("--labels", help="labels file (default: labels.txt beside the model)")
-    parser.add_argument("--threads", type=int, default=0, help="runtime threads (default: runtime's)")
+    parser.add_argument("--threads", type=count(0), default=0, help="runtime threads (default: runtime's)")
+    parser.add_argument("--image-size", type=count(1),
+                        help="side in pixels, for a model that takes any image size")
     args = parser.parse_args(argv)
     try:
-        model = EdgeModel(args.model, args.threads)
+        model = EdgeModel(args.model, args.threads, args.image_size)
         names, images = load_inputs(args.inputs, model.image_size)
         probabilities = softmax(model.logits(model.check(images)))
+        labels = read_labels(Path(args.model), args.labels, probabilities.shape[1])
     except KitError as error:
         print(f"predict: error: {error}", file=sys.stderr)
         return error.exit_code
-    labels = read_labels(Path(args.model), args.labels, probabilities.shape[1])
+    except KeyboardInterrupt:
+        print("predict: interrupted", file=sys.stderr)
+        return 130
     for name, probs in zip(names, probabilities):
         best = np.argsort(probs)[::-1][: args.top]
         print(f"{name}: " + ", ".join(f"{labels[i]} {probs[i]:.3f}" for i in best))

@@ -7,6 +7,7 @@ imported. Every model takes ``images``: float32 NHWC pixels in [0, 255] (a model
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,36 @@ class KitError(Exception):
         self.exit_code = exit_code
 
 
-class EdgeModel:
-    """An exported classifier in ONNX Runtime (``.onnx``) or LiteRT (``.tflite``)."""
+class KitParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``predict: error: ...``) with exit code 2."""
 
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
+    def error(self, message: str) -> None:  # argparse's hook: never returns
+        self.exit(2, f"{Path(self.prog).stem}: error: {message}\n")
+
+
+def count(low: int):
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value}: expected an integer >= {low}")
+        return value
+
+    return parse
+
+
+class EdgeModel:
+    """An exported classifier in ONNX Runtime (``.onnx``) or LiteRT (``.tflite``).
+
+    Takes NHWC batches; a model whose input is NCHW (an ONNX model from PyTorch, say) gets them
+    transposed. A model with a free height/width needs ``image_size``.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0, image_size: int | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise KitError(f"{self.path}: model file not found", 4)
@@ -42,6 +69,25 @@ class EdgeModel:
             raise
         except Exception as error:  # the runtimes raise many types for a corrupt file
             raise KitError(f"{self.path}: {self.runtime} cannot load it ({type(error).__name__})", 4) from None
+        shape = self.input_shape
+        if len(shape) != 4:
+            raise KitError(f"{self.path}: input {self.input_name!r} has shape {shape}; the kit runs "
+                           "image classifiers with a 4-D (batch, height, width, channels) input", 4)
+        self.layout = "NCHW" if shape[1] in (1, 3) and shape[3] not in (1, 3) else "NHWC"
+        spatial = shape[2:4] if self.layout == "NCHW" else shape[1:3]
+        self.channels = int(shape[1] if self.layout == "NCHW" else shape[3])
+        if self.channels != 3:
+            raise KitError(f"{self.path}: input {self.input_name!r} has {self.channels} channels "
+                           f"(shape {shape}); the kit feeds RGB images", 4)
+        if any(d < 1 for d in spatial):
+            if image_size is None:
+                raise KitError(f"{self.path}: the model takes any image size (input shape {shape}); "
+                               "pass --image-size N", 2)
+            spatial = (image_size, image_size)
+        elif image_size is not None and tuple(spatial) != (image_size, image_size):
+            raise KitError(f"--image-size {image_size}: the model takes {spatial[0]}x{spatial[1]} "
+                           "images only", 2)
+        self.spatial = (int(spatial[0]), int(spatial[1]))
 
     def _load_onnx(self, threads: int) -> None:
         import onnxruntime as ort
@@ -72,14 +118,14 @@ class EdgeModel:
     @property
     def image_size(self) -> tuple[int, int]:
         """(height, width) the model takes."""
-        return int(self.input_shape[1]), int(self.input_shape[2])
+        return self.spatial
 
     def check(self, images: np.ndarray) -> np.ndarray:
-        """Validates a batch against the model's contract; returns it as float32."""
-        expected = (-1, *self.input_shape[1:])
-        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected[1:]):
+        """Validates an NHWC batch against the model's contract; returns it as float32."""
+        expected = (*self.spatial, 3)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise KitError(f"input shape {tuple(images.shape)}: the model takes batches of "
-                           f"(N, {', '.join(str(d) for d in expected[1:])}) pixels")
+                           f"(N, {', '.join(str(d) for d in expected)}) pixels")
         if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
             raise KitError(f"input dtype {images.dtype}: expected float32 or uint8 pixels in [0, 255]")
         images = images.astype(np.float32)
@@ -91,6 +137,10 @@ class EdgeModel:
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Logits for a float32 [0, 255] NHWC batch."""
+        if self.input_shape[0] == 1 and len(images) > 1:  # a model exported for batch 1 only
+            return np.concatenate([self.logits(images[i:i + 1]) for i in range(len(images))])
+        if self.layout == "NCHW":
+            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         if self.runtime == "onnxruntime":
             index = self.output_names.index("logits") if "logits" in self.output_names else 0
             return self.session.run(None, {self.input_name: images})[index]

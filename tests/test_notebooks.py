@@ -1,6 +1,5 @@
 """The notebooks run top to bottom (fast setting) and are committed without outputs."""
 
-import os
 import shutil
 from pathlib import Path
 

@@ -53,11 +53,11 @@ def test_shipped_cifar10_protocol_expands_to_teachers_then_every_method(tmp_path
 
 
 def test_shipped_cifar100_protocol_resolves_to_a_valid_run_config(tmp_path):
-    from tfkd import train
+    from tfkd import arguments
 
     protocol = protocol_lib.load("cifar100-full")
     jobs = protocol_lib.jobs(protocol, tmp_path, None)
-    cfg = train.config_from_args(train.build_parser().parse_args(jobs[-1].args))
+    cfg = arguments.config_from_argv(jobs[-1].args)
     assert (cfg.data.dataset, cfg.data.batch_size, cfg.student.epochs, cfg.student.model) == \
         ("cifar100", 64, 240, "resnet20")
     assert cfg.student.optimizer.schedule == "step"
@@ -65,10 +65,10 @@ def test_shipped_cifar100_protocol_resolves_to_a_valid_run_config(tmp_path):
 
 
 def test_step_schedule_decays_at_the_milestones():
-    from tfkd import config, train
+    from tfkd import config, pipeline
 
     opt = config.OptimizerConfig(learning_rate=0.1, schedule="step", milestones=[2, 3], decay_rate=0.1)
-    schedule = train._learning_rate(opt, batch_size=64, steps_per_epoch=10, epochs=4)
+    schedule = pipeline._learning_rate(opt, batch_size=64, steps_per_epoch=10, epochs=4)
     rates = [float(schedule(step)) for step in (0, 19, 21, 31)]
     assert rates == pytest.approx([0.05, 0.05, 0.005, 0.0005])
 
@@ -166,12 +166,23 @@ def test_a_run_may_have_seeds_of_its_own_and_the_command_line_wins(tmp_path):
             protocol_lib.load(str(path))
 
 
+def _record(job):
+    """The run.json record tfkd.train writes when it runs ``job``."""
+    from tfkd import rundir
+    from tfkd.arguments import config_from_argv
+
+    cfg = config_from_argv(job.args)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_record(job.run_dir, job.stage, rundir.stage_settings(cfg, job.stage), "done")
+
+
 def test_a_changed_setting_never_reuses_a_cached_run(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(TINY)
     protocol = protocol_lib.load(str(path))
     job = protocol_lib.jobs(protocol, tmp_path / "out", None, only=["student"])[0]
-    job.record()
+    _record(job)
+    assert job.changed_setting() is None
     changed = protocol_lib.jobs(protocol, tmp_path / "out", None, epochs=2, only=["student"])[0]
     with pytest.raises(ConfigError, match="other settings"):
         changed.done()
@@ -181,7 +192,7 @@ def test_a_changed_default_never_reuses_a_cached_run(tmp_path):
     """Same arguments, other settings: the run folder's config.yaml says what the run used, and
     only the settings a run reads count (a teacher reads no distill.*, kd no cft option)."""
     from tfkd import config as config_lib
-    from tfkd.train import build_parser, config_from_args
+    from tfkd.arguments import build_parser, config_from_args
 
     path = tmp_path / "p.yaml"
     path.write_text(TINY + "  cft: {method: cft, teachers: [rec]}\n")
@@ -197,15 +208,14 @@ def test_a_changed_default_never_reuses_a_cached_run(tmp_path):
     for job in (teacher, kd, cft):
         _fake_run(job.run_dir, job.kind, val_accuracy=0.5)
         made_with(job)
-        job.record()
         assert job.changed_setting() is None and job.done()
         made_with(job, gamma=0.0)
     assert teacher.done() and kd.done()  # neither reads distill.gamma
-    assert cft.changed_setting() == "distill.gamma is 0.0 there, 0.9 now"
-    with pytest.raises(ConfigError, match="distill.gamma is 0.0 there, 0.9 now"):
+    assert cft.changed_setting() == "distill.gamma: 0.0 there, 0.9 now"
+    with pytest.raises(ConfigError, match="distill.gamma: 0.0 there, 0.9 now"):
         cft.done()
     made_with(kd, temperature=2.0)  # kd reads the temperature
-    assert kd.changed_setting() == "distill.temperature is 2.0 there, 4.0 now"
+    assert kd.changed_setting() == "distill.temperature: 2.0 there, 4.0 now"
     text = (cft.run_dir / "config.yaml").read_text().replace("  gamma: 0.0\n", "")
     (cft.run_dir / "config.yaml").write_text(text)  # an option the run predates is not compared
     assert "gamma" not in text and cft.done()

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tfkd import callbacks, train
 from tfkd.errors import TrainingError
 
-FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "verbose=0"]
+FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "progress=0"]
 
 
 def run_cli(*args, timeout=300):

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfkd import train
+from tfkd import pipeline, train
 from tfkd.teacher import ReconstructionTeacher
 
-FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "verbose=0"]
+FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "progress=0"]
 FAST_EXPORT = ["--set", "export.formats=[fp32,int8]", "--set", "export.max_test_images=60",
                "--set", "export.representative=50"]
 
@@ -302,7 +302,7 @@ def test_every_distill_option_reaches_the_distiller():
         "distill.adapter_relu=true", "distill.adv_warmup_epochs=2", "distill.discriminator.width=0.5"])
     keras.utils.set_random_seed(0)
     reconstruction, classifier = models.get("resnet14", 10), models.get("resnet14", 10)
-    distiller = train.build_distiller(cfg, models.get("resnet8", 10), [reconstruction, classifier], 7)
+    distiller = pipeline.build_distiller(cfg, models.get("resnet8", 10), [reconstruction, classifier], 7)
     weights = distiller.loss_weights
     assert (weights.ce, weights.kd, weights.feat, weights.adv) == (0.2, 0.3, 2.0, 0.5)
     assert distiller.teacher is classifier and distiller.adversarial_teacher is reconstruction

@@ -96,7 +96,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     from tfkd import models
     from tfkd.config import DiscriminatorConfig
     from tfkd.distill import Distiller, loss_weights
-    from tfkd.train import discriminator_optimizer
+    from tfkd.pipeline import discriminator_optimizer
 
     rng = np.random.default_rng(0)
     batch = (rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
@@ -267,9 +267,13 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = argparse.ArgumentParser(prog="python -m tfkd.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Entry point; returns the process exit code."""
+    from tfkd import cli
+
+    parser = cli.Parser(prog="python -m tfkd.bench", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="Exit codes: 0 done, 2 bad option or protocol, 3 bad data, 5 a run "
+                               "failed, 130 interrupted (re-run the same command to continue).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("accuracy", help="run an accuracy protocol; cached, resumable")
     p.add_argument("--protocol", default="cifar10-cpu",
@@ -278,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR; unset: "
                         "TensorFlow Datasets)")
     p.add_argument("--out", help="output folder (default: benchmarks/results/PROTOCOL)")
-    p.add_argument("--epochs", type=int, help="epochs of every teacher and student run")
-    p.add_argument("--seeds", type=int, nargs="+", help="student seeds (mean ± std over them)")
+    p.add_argument("--epochs", type=cli.positive_int, help="epochs of every teacher and student run")
+    p.add_argument("--seeds", type=cli.seed_int, nargs="+", help="student seeds (mean ± std over them)")
     p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the protocol")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (tuning), e.g. distill.beta=0.01")
@@ -292,15 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR)")
     p.add_argument("--model", default="resnet20", help="teacher backbone")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--batches", type=int, default=200, help="pipeline batches to time")
-    p.add_argument("--steps", type=int, default=20, help="train steps to time")
+    p.add_argument("--batch-size", type=cli.positive_int, default=128)
+    p.add_argument("--batches", type=cli.positive_int, default=200, help="pipeline batches to time")
+    p.add_argument("--steps", type=cli.positive_int, default=20, help="train steps to time")
     p = sub.add_parser("speed", help="training images/s of every method vs keras.distillation KD")
     p.add_argument("--teacher-model", default="resnet20")
     p.add_argument("--student-model", default="resnet8")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per method and repeat")
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--batch-size", type=cli.positive_int, default=128)
+    p.add_argument("--steps", type=cli.positive_int, default=30, help="timed steps per method and repeat")
+    p.add_argument("--repeats", type=cli.positive_int, default=5,
                    help="timings per method, the methods taking turns; the fastest is reported "
                         "(default 5)")
     p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
@@ -309,22 +313,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       "cifar10 with a data folder, else digits)")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR)")
-    p.add_argument("--pipeline-batches", type=int, default=200,
+    p.add_argument("--pipeline-batches", type=cli.non_negative_int, default=200,
                    help="input-pipeline batches to time (0: skip)")
-    p.add_argument("--latency-runs", type=int, default=200,
+    p.add_argument("--latency-runs", type=cli.non_negative_int, default=200,
                    help="timed batch-1 inference calls per format (0: skip the latency part)")
     p.add_argument("--out", help="also write speed.json and speed.md (with the command, commit, "
                                  "date and machine) to this folder")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    from tfkd.errors import TfkdError
+    def body() -> int:
+        args = parser.parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
+        if args.command == "speed":
+            from tfkd.distill import METHODS
 
-    try:
+            unknown = [m for m in args.methods if m not in METHODS]
+            if unknown:
+                from tfkd.errors import ConfigError
+
+                raise ConfigError(f"--methods {unknown[0]}: expected some of {', '.join(METHODS)}")
+        if args.command != "accuracy":  # accuracy runs each job as its own tfkd.train process
+            cli.import_tensorflow()
         {"accuracy": accuracy, "pipeline": pipeline, "speed": speed}[args.command](args)
-    except TfkdError as error:
-        print(f"tfkd: error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+        return 0
+
+    return cli.run(body, interrupted="interrupted; re-run the same command to continue")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 import tempfile
 import time
@@ -24,10 +23,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tfkd.errors import ModelError, TfkdError
+from tfkd.errors import ModelError
 
-#: Largest logit difference allowed between the Keras 3 student and its tf_keras rebuild.
+#: Largest logit difference allowed between the Keras 3 student and its tf_keras rebuild,
+#: relative to the largest |logit| when that exceeds 1 (float32 round-off grows with the logits).
 PARITY_TOLERANCE = 1e-5
+#: Default largest top-1 drop (fraction) of the compressed int8 model below the float student:
+#: beyond it the fine-tune is taken to have diverged and nothing is written.
+MAX_DROP = 0.10
 
 
 def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: int) -> Any:
@@ -45,11 +48,12 @@ def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: i
     return legacy
 
 
-def parity(student: Any, legacy: Any, images: np.ndarray) -> float:
-    """Max abs logit difference between the Keras 3 student and its tf_keras rebuild."""
+def parity(student: Any, legacy: Any, images: np.ndarray) -> tuple[float, float]:
+    """Max abs logit difference between the Keras 3 student and its tf_keras rebuild, and the
+    difference allowed for these logits (``PARITY_TOLERANCE`` times max(1, largest |logit|))."""
     a = student(images, training=False)["logits"].numpy()
     b = legacy(images, training=False)["logits"].numpy()
-    return float(np.abs(a - b).max())
+    return float(np.abs(a - b).max()), PARITY_TOLERANCE * max(1.0, float(np.abs(a).max()))
 
 
 def kd_targets(data: Any, teacher: Any, batch_size: int, seed: int) -> Any:
@@ -102,30 +106,35 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
              teacher_path: str | Path | None = None, epochs: int = 3, learning_rate: float = 0.01,
              sparsity: float = 0.5, kd_alpha: float = 0.9, temperature: float = 4.0,
              batch_size: int = 128, representative: int = 500, max_test_images: int = 0,
-             seed: int = 0) -> dict[str, Any]:
-    """Fine-tunes the student with QAT or pruning and writes a verified int8 TFLite to ``out``."""
+             seed: int = 0, max_drop: float = MAX_DROP) -> dict[str, Any]:
+    """Fine-tunes the student with QAT or pruning and writes a verified int8 TFLite to ``out``.
+
+    Writes nothing and raises ``TrainingError`` when the fine-tune's loss stops being finite, and
+    ``ExportError`` when the compressed int8 model's top-1 falls more than ``max_drop`` below the
+    float student's (a diverged fine-tune)."""
     import tensorflow_model_optimization as tfmot  # switches this process to Keras 2
     import tf_keras
 
-    from tfkd import config as config_lib
-    from tfkd import data as data_lib
-    from tfkd import export
-    from tfkd.train import load_teacher
+    from tfkd import export, rundir
+    from tfkd.errors import ConfigError, ExportError, TrainingError
+    from tfkd.pipeline import load_teacher
 
     if method not in ("qat", "prune"):
-        raise ModelError(f"--method {method!r}: expected qat or prune")
+        raise ConfigError(f"--method {method!r}: expected qat or prune")
+    out = export.check_out(out, model_path)
     student, run_dir = export.load_student(model_path)
-    cfg = config_lib.load(str(run_dir / "config.yaml"))
-    data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
-                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip,
-                                cfg.data.subset)
-    info = json.loads((run_dir / "dataset.json").read_text())
+    data = export.training_data(run_dir, None)
+    try:
+        info = rundir.read_dataset_record(run_dir) or {}
+        info["mean"], info["std"], info["class_names"]
+    except (ConfigError, KeyError) as error:
+        raise ModelError(f"{run_dir / 'dataset.json'}: damaged ({error})") from None
     teacher = load_teacher(teacher_path, data) if teacher_path else None
     legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes)
-    gap = parity(student, legacy, data.normalize(data.test_images[:64]).numpy())
-    if gap > PARITY_TOLERANCE:
+    gap, allowed = parity(student, legacy, data.normalize(data.test_images[:64]).numpy())
+    if not gap <= allowed:
         raise ModelError(f"tf_keras rebuild of {student.name} differs from the Keras 3 model by "
-                         f"{gap:.2e} (> {PARITY_TOLERANCE:g})")
+                         f"{gap:.2e} (allowed {allowed:.2e})")
     logits_model = tf_keras.Model(legacy.input, legacy.output["logits"], name=student.name)
     steps = len(data.train_labels) // batch_size * epochs
     if method == "qat":
@@ -141,12 +150,15 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     model.compile(optimizer=tf_keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
                   loss=kd_loss(kd_alpha if teacher is not None else 0.0, temperature))
     start = time.perf_counter()
-    model.fit(kd_targets(data, teacher, batch_size, seed), epochs=epochs, callbacks=callbacks,
-              verbose=2)
+    history = model.fit(kd_targets(data, teacher, batch_size, seed), epochs=epochs,
+                        callbacks=[*callbacks, tf_keras.callbacks.TerminateOnNaN()], verbose=2).history
     seconds = time.perf_counter() - start
+    losses = history.get("loss", [])
+    if not losses or not all(np.isfinite(losses)):
+        raise TrainingError(f"{method} fine-tune: the loss became {losses[-1] if losses else 'nan'} "
+                            f"in epoch {len(losses)}; lower --learning-rate (nothing was written)")
     if method == "prune":
         model = tfmot.sparsity.keras.strip_pruning(model)
-    out = Path(out)
     images, labels = data.test_images, data.test_labels
     if max_test_images:
         images, labels = images[:max_test_images], labels[:max_test_images]
@@ -162,14 +174,20 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         staging.mkdir()
         (staging / export.FILES["int8"]).write_bytes(tflite)
         report = export.verify(staging, ["int8"], keras_logits, images, labels, 1.0, 20)["int8"]
+        float_top1 = float(np.mean(keras_logits.argmax(1) == labels))
+        if report["top1"] < float_top1 - max_drop:
+            raise ExportError(f"the {method} int8 model reaches {report['top1']:.2%} top-1 against "
+                              f"{float_top1:.2%} for the float student (more than --max-drop "
+                              f"{max_drop:.2f} lower): the fine-tune diverged; nothing was written")
         ptq_dir = Path(scratch) / "ptq"
         ptq = export.export(model_path, ptq_dir, ["fp32", "int8"], max_test_images=max_test_images,
                             representative=representative, latency_runs=20, data=data)
         result = {
             "method": method, "epochs": epochs, "teacher": str(teacher_path) if teacher_path else None,
             "kd_alpha": kd_alpha if teacher is not None else 0.0, "parity_max_abs_logit_diff": gap,
-            "fine_tune_seconds": seconds, "test_images": int(len(labels)),
-            "float_keras_top1": float(np.mean(keras_logits.argmax(1) == labels)),
+            "parity_allowed": allowed, "fine_tune_seconds": seconds, "test_images": int(len(labels)),
+            "fine_tune_loss": [float(v) for v in losses], "max_drop": max_drop,
+            "float_keras_top1": float_top1,
             "compressed_int8": report,
             "post_training_int8": ptq["formats"]["int8"], "fp32_tflite": ptq["formats"]["fp32"],
         }
@@ -180,55 +198,73 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
                           ("post_training_int8", ptq_dir / export.FILES["int8"])):
             result[key]["gzip_bytes"] = len(gzip.compress(path.read_bytes()))
         (staging / "labels.txt").write_text("\n".join(info["class_names"]) + "\n")
-        (staging / "compress_report.json").write_text(json.dumps(result, indent=2) + "\n")
-        export._publish(staging, out)
+        result[export.MARKER] = {"version": 1, "files": [export.FILES["int8"], "labels.txt",
+                                                          "compress_report.json"]}
+        result = export.finite(result)
+        (staging / "compress_report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+        export.publish(staging, out)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m tfkd.compress``."""
-    parser = argparse.ArgumentParser(
+    from tfkd import cli
+
+    parser = cli.Parser(
         prog="python -m tfkd.compress",
         description="Quantization-aware training (qat) or magnitude pruning (prune) of a distilled "
                     "student with TensorFlow Model Optimization, fine-tuned with KD against the "
                     "teacher; writes a verified model_int8.tflite and compress_report.json "
                     "comparing it with post-training int8. Needs the 'compress' extra.",
-        epilog="Exit codes: 0 done, 2 bad option, 3 bad data, 4 bad model file.")
+        epilog="Exit codes: 0 done, 2 bad option (or --out holds other files), 3 bad data, 4 bad "
+               "model file, 5 the fine-tune's loss stopped being finite, 6 the compressed model "
+               "lost more than --max-drop top-1 (nothing written in either case), 130 interrupted.")
     parser.add_argument("model", help="student.keras, or its run folder")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty, or a previous compress output")
     parser.add_argument("--method", choices=("qat", "prune"), default="qat")
     parser.add_argument("--teacher", help="teacher for the KD fine-tuning loss (default: CE only)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--learning-rate", type=float, default=0.01)
-    parser.add_argument("--sparsity", type=float, default=0.5, help="prune: final sparsity")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--max-test-images", type=int, default=0, help="verify on the first N (0: all)")
+    parser.add_argument("--epochs", type=cli.positive_int, default=3)
+    parser.add_argument("--learning-rate", type=cli.positive_float, default=0.01)
+    parser.add_argument("--sparsity", type=float, default=0.5, help="prune: final sparsity, in (0, 1)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=128)
+    parser.add_argument("--max-test-images", type=cli.non_negative_int, default=0,
+                        help="verify on the first N (0: all)")
+    parser.add_argument("--max-drop", type=float, default=MAX_DROP,
+                        help=f"largest top-1 drop below the float student, as a fraction (default "
+                             f"{MAX_DROP}); beyond it nothing is written")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    if args.epochs < 1 or not 0 < args.sparsity < 1:
-        print("tfkd: error: --epochs must be >= 1 and --sparsity in (0, 1)", file=sys.stderr)
-        return 2
-    try:
-        result = compress(args.model, args.out, args.method, args.teacher, args.epochs,
-                          args.learning_rate, args.sparsity, batch_size=args.batch_size,
-                          max_test_images=args.max_test_images)
-    except ImportError as error:
-        print(f"tfkd: error: {error.name or error}: install the extra with pip install -e '.[compress]'",
-              file=sys.stderr)
-        return 2
-    except TfkdError as error:
-        print(f"tfkd: error: {error}", file=sys.stderr)
-        return error.exit_code
-    c, p, f = result["compressed_int8"], result["post_training_int8"], result["fp32_tflite"]
-    print(f"{args.method}: int8 top-1 {c['top1'] * 100:.2f}% ({c['bytes'] / 1024:.1f} KiB, "
-          f"{c['gzip_bytes'] / 1024:.1f} gzipped) | post-training int8 {p['top1'] * 100:.2f}% "
-          f"({p['bytes'] / 1024:.1f} KiB, {p['gzip_bytes'] / 1024:.1f} gzipped) | "
-          f"fp32 {f['top1'] * 100:.2f}% ({f['bytes'] / 1024:.1f} KiB)")
-    return 0
+    """Entry point; returns the process exit code."""
+    from tfkd import cli, export
+    from tfkd.errors import ConfigError
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        if not 0 < args.sparsity < 1:
+            raise ConfigError(f"--sparsity {args.sparsity}: expected a fraction in (0, 1)")
+        if not 0 <= args.max_drop <= 1:
+            raise ConfigError(f"--max-drop {args.max_drop}: expected a fraction in [0, 1]")
+        export.check_out(args.out, args.model)
+        cli.import_tensorflow(args.verbose)
+        try:
+            result = compress(args.model, args.out, args.method, args.teacher, args.epochs,
+                              args.learning_rate, args.sparsity, batch_size=args.batch_size,
+                              max_test_images=args.max_test_images, max_drop=args.max_drop)
+        except ImportError as error:
+            raise ConfigError(f"{error.name or error}: install the extra with pip install -e "
+                              "'.[compress]'") from None
+        c, p, f = result["compressed_int8"], result["post_training_int8"], result["fp32_tflite"]
+        print(f"{args.method}: int8 top-1 {c['top1'] * 100:.2f}% ({c['bytes'] / 1024:.1f} KiB, "
+              f"{c['gzip_bytes'] / 1024:.1f} gzipped) | post-training int8 {p['top1'] * 100:.2f}% "
+              f"({p['bytes'] / 1024:.1f} KiB, {p['gzip_bytes'] / 1024:.1f} gzipped) | "
+              f"fp32 {f['top1'] * 100:.2f}% ({f['bytes'] / 1024:.1f} KiB)")
+        return 0
+
+    return cli.run(body, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ stages add theirs), so a stage's options never collide with another's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, List, Optional
@@ -24,6 +25,9 @@ from tfkd.errors import ConfigError
 STAGES = ("teacher", "distill", "export", "all")
 EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+#: Upper bounds that catch a mistyped count before it becomes a run that never ends.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
 
 
 def option(default: Any, help: str) -> Any:
@@ -167,8 +171,8 @@ class RunConfig:
     deterministic: bool = option(False, "TensorFlow op determinism: with the same seed, two runs "
                                          "on the same machine give identical results (slower)")
     sync_batchnorm: bool = option(False, "batch statistics over the global batch across replicas")
-    verbose: Optional[int] = option(None, "Keras progress output: 0 silent, 1 bar, 2 one line per "
-                                          "epoch; unset: bar on a terminal, lines otherwise")
+    progress: Optional[int] = option(None, "Keras progress output: 0 silent, 1 bar, 2 one line per "
+                                           "epoch; unset: bar on a terminal, lines otherwise")
     data: DataConfig = section(DataConfig, "dataset and input pipeline")
     teacher: TeacherConfig = section(TeacherConfig, "the reconstruction-augmented teacher")
     student: StudentConfig = section(StudentConfig, "the student")
@@ -184,7 +188,8 @@ def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
                                                      f.default_factory)):
             yield from _walk(f.default_factory, f"{prefix}{f.name}.")
         else:
-            yield f"{prefix}{f.name}", f.default, f.metadata.get("help", "")
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            yield f"{prefix}{f.name}", default, f.metadata.get("help", "")
 
 
 def describe_options() -> str:
@@ -203,6 +208,62 @@ def _config_error(error: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: key '{key}': {message}")
 
 
+#: Keys that were renamed: the old spelling still works and means the new key.
+RENAMED: dict[str, str] = {"verbose": "progress"}
+
+
+def _renamed_key(key: str) -> str:
+    return RENAMED.get(key.strip(), key.strip())
+
+
+def _move_renamed(data: dict[str, Any]) -> dict[str, Any]:
+    """Moves every renamed key of a nested mapping (a YAML config) to its new place."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            *new_parents, new_leaf = new.split(".")
+            target = data
+            for part in new_parents:
+                target = target.setdefault(part, {})
+            target.setdefault(new_leaf, value)
+    return data
+
+
+def read_yaml_file(path_text: str, what: str) -> Any:
+    """Reads a YAML file as data (safe loader): UTF-8, or UTF-16 with its byte-order mark.
+
+    Raises ``ConfigError`` naming the file when it is missing, a folder, unreadable, binary, or
+    not valid YAML.
+    """
+    path = Path(path_text)
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{what} {path_text}: is a folder, expected a YAML file")
+        if not path.is_file():
+            raise ConfigError(f"{what} {path_text}: not found")
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{what} {path_text}: cannot be read ({error.strerror or error})") from None
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            text = raw.decode("utf-16")
+        else:
+            text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path_text}: not a text file (expected UTF-8 YAML)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{what} {path_text}: not a text file (expected UTF-8 YAML)")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path_text}: not valid YAML "
+                          f"({str(error).splitlines()[0]})") from None
+
+
 def load(config_file: str | None = None, overrides: dict[str, Any] | None = None,
          dotlist: list[str] | None = None) -> RunConfig:
     """Builds the run configuration: defaults, then the YAML file, then ``--set`` items, then
@@ -210,22 +271,22 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     merged = OmegaConf.structured(RunConfig)
     layers: list[tuple[str, Any]] = []
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {config_file}: not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {config_file}: not valid YAML "
-                              f"({str(error).splitlines()[0]})") from None
+        data = read_yaml_file(config_file, "config file")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {config_file}: expected a mapping of options, "
                               f"got {type(data).__name__}")
-        layers.append((f"config file {config_file}", OmegaConf.create(data or {})))
+        try:
+            layers.append((f"config file {config_file}", OmegaConf.create(_move_renamed(data or {}))))
+        except OmegaConfBaseException as error:
+            raise _config_error(error, f"config file {config_file}") from None
     for item in dotlist or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        layers.append((f"--set {item}", OmegaConf.from_dotlist([item])))
+        key, value = item.split("=", 1)
+        try:
+            layers.append((f"--set {item}", OmegaConf.from_dotlist([f"{_renamed_key(key)}={value}"])))
+        except OmegaConfBaseException as error:
+            raise _config_error(error, f"--set {item}") from None
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key, value in flags.items():
         layer = OmegaConf.create()
@@ -250,37 +311,48 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
 
 
 def validate(config: RunConfig) -> None:
-    """Checks choices and ranges; raises ``ConfigError`` naming the first bad key."""
-    from tfkd import models  # local imports: these pull in Keras
+    """Checks choices and ranges; raises ``ConfigError`` naming the first bad key.
+
+    Imports nothing heavy (no TensorFlow, no Keras): a bad option fails in a fraction of a second.
+    """
+    from tfkd import models, rundir
     from tfkd.distill.methods import METHODS, teachers_needed
 
+    for key, value in _leaves(config):
+        _check(not isinstance(value, float) or math.isfinite(value), key, value, "a finite number")
     _check(config.stage in STAGES, "stage", config.stage, f"one of {', '.join(STAGES)}")
     _check(config.strategy in STRATEGIES, "strategy", config.strategy,
            f"one of {', '.join(STRATEGIES)}")
     _check(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "a folder path")
+    problem = rundir.folder_problem(config.run_dir)
+    _check(problem is None, "run_dir", config.run_dir, f"a folder tfkd can write ({problem})")
+    _check(0 <= config.seed < 2**32, "seed", config.seed, "an integer from 0 to 4294967295")
     data = config.data
     _check(data.data_dir is None or bool(data.data_dir.strip()), "data.data_dir", data.data_dir,
            "a folder path, or unset for TensorFlow Datasets")
     dataset_ok = data.dataset in ("cifar10", "cifar100", "digits") or (
         data.dataset.startswith("folder:") and len(data.dataset) > len("folder:"))
     _check(dataset_ok, "data.dataset", data.dataset, "cifar10, cifar100, digits or folder:PATH")
-    _check(data.image_size >= 8, "data.image_size", data.image_size, "an integer >= 8")
+    _check(8 <= data.image_size <= 4096, "data.image_size", data.image_size, "an integer from 8 to 4096")
     _check(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction",
            data.validation_fraction, "a fraction in [0, 1)")
     _check(0.0 < data.subset <= 1.0, "data.subset", data.subset, "a fraction in (0, 1]")
-    _check(data.batch_size >= 1, "data.batch_size", data.batch_size, "a positive integer")
+    _check(1 <= data.batch_size <= MAX_BATCH, "data.batch_size", data.batch_size,
+           f"an integer from 1 to {MAX_BATCH}")
     _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "an integer >= 0")
     teacher = config.teacher
     _check(teacher.model in models.REGISTRY, "teacher.model", teacher.model,
            f"a zoo model ({', '.join(models.names())})")
-    _check(teacher.epochs >= 1, "teacher.epochs", teacher.epochs, "a positive integer")
+    _check(1 <= teacher.epochs <= MAX_EPOCHS, "teacher.epochs", teacher.epochs,
+           f"an integer from 1 to {MAX_EPOCHS}")
     _check(teacher.lambda_cls >= 0 and teacher.lambda_rec >= 0 and
            teacher.lambda_cls + teacher.lambda_rec > 0, "teacher.lambda_cls/lambda_rec",
            (teacher.lambda_cls, teacher.lambda_rec), "non-negative weights, not both 0")
     student = config.student
     _check(student.model in models.REGISTRY, "student.model", student.model,
            f"a zoo model ({', '.join(models.names())})")
-    _check(student.epochs >= 1, "student.epochs", student.epochs, "a positive integer")
+    _check(1 <= student.epochs <= MAX_EPOCHS, "student.epochs", student.epochs,
+           f"an integer from 1 to {MAX_EPOCHS}")
     for name, opt in (("teacher", teacher.optimizer), ("student", student.optimizer)):
         _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
         _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")
@@ -288,7 +360,7 @@ def validate(config: RunConfig) -> None:
         _check(opt.schedule in ("cosine", "step", "constant"), f"{name}.optimizer.schedule",
                opt.schedule, "cosine, step or constant")
         _check(0 < opt.decay_rate <= 1, f"{name}.optimizer.decay_rate", opt.decay_rate, "in (0, 1]")
-        _check(all(m >= 1 for m in opt.milestones) and list(opt.milestones) == sorted(set(opt.milestones)),
+        _check(all(1 <= m <= MAX_EPOCHS for m in opt.milestones) and list(opt.milestones) == sorted(set(opt.milestones)),
                f"{name}.optimizer.milestones", opt.milestones, "increasing positive epochs")
     distill = config.distill
     _check(distill.method in METHODS, "distill.method", distill.method, f"one of {', '.join(METHODS)}")
@@ -298,7 +370,7 @@ def validate(config: RunConfig) -> None:
     _check(distill.gan_loss in ("lsgan", "bce"), "distill.gan_loss", distill.gan_loss, "lsgan or bce")
     _check(distill.temperature > 0, "distill.temperature", distill.temperature, "> 0")
     _check(0 <= distill.kd_alpha <= 1, "distill.kd_alpha", distill.kd_alpha, "in [0, 1]")
-    _check(distill.adv_warmup_epochs >= 0, "distill.adv_warmup_epochs", distill.adv_warmup_epochs,
+    _check(0 <= distill.adv_warmup_epochs <= MAX_EPOCHS, "distill.adv_warmup_epochs", distill.adv_warmup_epochs,
            "an integer >= 0")
     for key in ("alpha", "beta", "gamma", "ce_weight", "hint_weight", "at_weight"):
         _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
@@ -310,11 +382,28 @@ def validate(config: RunConfig) -> None:
            export.formats, f"a list of {', '.join(EXPORT_FORMATS)}")
     _check(export.int8_io in ("float32", "int8", "uint8"), "export.int8_io", export.int8_io,
            "float32, int8 or uint8")
-    _check(export.representative >= 1, "export.representative", export.representative, ">= 1")
+    _check(1 <= export.representative <= 100_000, "export.representative", export.representative,
+           "an integer from 1 to 100000")
     _check(export.tolerance > 0, "export.tolerance", export.tolerance, "> 0")
     _check(export.max_test_images >= 0, "export.max_test_images", export.max_test_images, ">= 0")
     _check(7 <= export.opset <= 21, "export.opset", export.opset, "an ONNX opset from 7 to 21")
-    _check(config.verbose in (None, 0, 1, 2), "verbose", config.verbose, "0, 1, 2 or null")
+    _check(config.progress in (None, 0, 1, 2), "progress", config.progress, "0, 1, 2 or null")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf option of a config object."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """The configuration as ``{dotted key: value}`` (lists as lists)."""
+    return {key: list(value) if isinstance(value, (list, tuple)) else value
+            for key, value in _leaves(config)}
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -99,9 +99,17 @@ def load_cifar_batches(name: str, data_dir: str) -> Source:
 
 
 def load_tfds(name: str) -> Source:
-    """Loads CIFAR through TensorFlow Datasets (downloads on first use)."""
-    import tensorflow_datasets as tfds
+    """Loads CIFAR through TensorFlow Datasets (downloads on first use).
 
+    TFDS retries a failed download ten times with a growing back-off (minutes behind a progress
+    bar when there is no network); here a download is tried twice, so an offline machine gets
+    the message at once.
+    """
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
+
+    retries = downloader.MAX_RETRIES
+    downloader.MAX_RETRIES = 1
     try:
         (train, test), info = tfds.load(name, split=["train", "test"], as_supervised=True,
                                         batch_size=-1, with_info=True)
@@ -109,6 +117,8 @@ def load_tfds(name: str) -> Source:
         raise DataError(f"{name}: TensorFlow Datasets could not provide it "
                         f"({type(error).__name__}); offline, pass --data-dir with the "
                         f"canonical python batches") from None
+    finally:
+        downloader.MAX_RETRIES = retries
     (xtr, ytr), (xte, yte) = tfds.as_numpy(train), tfds.as_numpy(test)
     return Source(xtr, ytr.astype(np.int32), xte, yte.astype(np.int32),
                   list(info.features["label"].names))
@@ -126,8 +136,17 @@ def _decode_image(path: Path, size: int) -> np.ndarray:
     return tf.cast(image, tf.uint8).numpy()
 
 
+def _class_files(folder: Path) -> tuple[list[Path], int]:
+    """The image files of one class folder, nested sub-folders included (as Keras's
+    ``image_dataset_from_directory`` reads them); also how many of them are nested."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return files, sum(1 for p in files if p.parent != folder)
+
+
 def load_folder(root: str, size: int) -> Source:
-    """Reads ``root/train/<class>/*`` and ``root/test/<class>/*``; classes are train's sub-folders."""
+    """Reads ``root/train/<class>/**`` and ``root/test/<class>/**``; classes are train's
+    sub-folders (at least two); images in nested folders of a class belong to it (counted in
+    a note)."""
     from tqdm import tqdm
 
     root_path = Path(root)
@@ -136,6 +155,9 @@ def load_folder(root: str, size: int) -> Source:
     class_dirs = sorted(p for p in (root_path / "train").glob("*") if p.is_dir())
     if not (root_path / "train").is_dir() or not class_dirs:
         raise DataError(f"{root_path / 'train'}: expected one sub-folder per class")
+    if len(class_dirs) < 2:
+        raise DataError(f"{root_path / 'train'}: one class folder ({class_dirs[0].name}); a classifier "
+                        "needs at least two")
     class_names = [p.name for p in class_dirs]
     arrays = {}
     for split in ("train", "test"):
@@ -146,14 +168,18 @@ def load_folder(root: str, size: int) -> Source:
         if unknown:
             raise DataError(f"{split_dir}: class folders {unknown} are not in {root_path / 'train'}")
         files: list[tuple[Path, int]] = []
+        nested = 0
         for label, name in enumerate(class_names):
-            class_files = sorted(p for p in (split_dir / name).glob("*")
-                                 if p.suffix.lower() in IMAGE_SUFFIXES) if (split_dir / name).is_dir() else []
+            class_files, class_nested = _class_files(split_dir / name) if (split_dir / name).is_dir() else ([], 0)
             if split == "train" and not class_files:
                 raise DataError(f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
             files += [(p, label) for p in class_files]
+            nested += class_nested
         if not files:
             raise DataError(f"{split_dir}: no images")
+        if nested:
+            print(f"tfkd: note: {split_dir}: {nested} of {len(files)} images are in nested folders "
+                  "of their class folder; they count as that class")
         images = [_decode_image(p, size) for p, _ in tqdm(files, desc=f"decoding {split}", unit="img",
                                                           disable=len(files) < 500)]
         arrays[split] = (np.stack(images), np.array([lab for _, lab in files], np.int32))
@@ -289,7 +315,13 @@ def prepare(dataset: str, data_dir: Optional[str] = None, image_size: int = 32,
     source = load_source(dataset, data_dir, image_size)
     xtr, ytr = source.train_images, source.train_labels
     xte, yte = source.test_images, source.test_labels
+    classes = len(source.class_names)
     if subset < 1.0:
+        for split, labels in (("training", ytr), ("test", yte)):
+            if round(subset * len(labels)) < classes:
+                raise DataError(f"{dataset}: data.subset={subset} keeps {round(subset * len(labels))} of "
+                                f"{len(labels)} {split} images, fewer than its {classes} classes: "
+                                f"raise data.subset to at least {classes / len(labels):.3g}")
         xtr, _, ytr, _ = train_test_split(xtr, ytr, train_size=subset, stratify=ytr, random_state=seed)
         xte, _, yte, _ = train_test_split(xte, yte, train_size=subset, stratify=yte, random_state=seed)
     if xtr.shape[1:3] != (image_size, image_size) and not dataset.startswith("folder:"):
@@ -299,8 +331,13 @@ def prepare(dataset: str, data_dir: Optional[str] = None, image_size: int = 32,
     xval = np.zeros((0, *xtr.shape[1:]), np.uint8)
     yval = np.zeros((0,), np.int32)
     if validation_fraction > 0:
+        held_out = int(np.ceil(validation_fraction * len(ytr)))
+        if held_out < 1 or len(ytr) - held_out < 1:
+            raise DataError(f"{dataset}: data.validation_fraction={validation_fraction} of {len(ytr)} "
+                            "training images leaves an empty training or validation split")
         counts = np.bincount(ytr)
-        stratify = ytr if counts[counts > 0].min() >= 2 else None
+        stratify = ytr if counts[counts > 0].min() >= 2 and held_out >= len(counts[counts > 0]) \
+            and len(ytr) - held_out >= len(counts[counts > 0]) else None
         xtr, xval, ytr, yval = train_test_split(xtr, ytr, test_size=validation_fraction,
                                                 stratify=stratify, random_state=seed)
     pixels = xtr.reshape(-1, xtr.shape[-1]).astype(np.float64)

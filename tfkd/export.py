@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tfkd.errors import ModelError, TfkdError
+from tfkd.errors import ModelError
 
 from tfkd.config import EXPORT_FORMATS as FORMATS
 FILES = {"saved_model": "saved_model", "fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite",
@@ -88,6 +89,8 @@ def convert_onnx(saved_model: Path, path: Path, opset: int = 17) -> None:
                "--output", str(path), "--opset", str(opset)]
     result = subprocess.run(command, capture_output=True, text=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if result.returncode < 0:  # the converter was stopped by a signal (Ctrl-C reaches it too)
+        raise KeyboardInterrupt(f"tf2onnx stopped by signal {-result.returncode}")
     if result.returncode != 0 or not path.is_file():
         lines = [l for l in result.stderr.splitlines() if l.strip()] or ["no output"]
         raise ModelError(f"ONNX conversion failed (tf2onnx: {lines[-1][:300]})")
@@ -213,17 +216,14 @@ def load_student(path: str | Path) -> tuple[Any, Path]:
     return model, path.parent
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _model_card_markdown(card: dict[str, Any]) -> str:
     rows = ["| format | file | size (KiB) | top-1 | agreement with Keras | max abs logit diff | "
             "batch-1 latency (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for fmt, entry in card["formats"].items():
+        diff = entry["max_abs_logit_diff"]
         rows.append(f"| {fmt} | `{entry['file']}` | {entry['bytes'] / 1024:.1f} | "
                     f"{entry['top1'] * 100:.2f}% | {entry['agreement_with_keras'] * 100:.2f}% | "
-                    f"{entry['max_abs_logit_diff']:.2e} | {entry['batch1_latency_ms']:.3f} |")
+                    f"{'not finite' if diff is None else f'{diff:.2e}'} | {entry['batch1_latency_ms']:.3f} |")
     keras_entry = card["keras"]
     rows.append(f"| keras (reference) | `student.keras` | | {keras_entry['top1'] * 100:.2f}% | 100% | 0 | "
                 f"{keras_entry['batch1_latency_ms']:.3f} |")
@@ -247,6 +247,105 @@ def _model_card_markdown(card: dict[str, Any]) -> str:
         f"Labels: {', '.join(card['labels'])}", ""])
 
 
+def check_options(formats: Sequence[str], opset: int, representative: int, int8_io: str,
+                  tolerance: float, max_test_images: int, latency_runs: int) -> None:
+    """Refuses bad export options with ``ConfigError`` (exit 2) before anything is loaded."""
+    from tfkd.errors import ConfigError
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"--formats {','.join(formats) or repr('')}: expected some of {', '.join(FORMATS)}")
+    checks = [(7 <= opset <= 21, "--opset", opset, "an ONNX opset from 7 to 21"),
+              (1 <= representative <= 100_000, "--representative", representative, "an integer from 1 to 100000"),
+              (int8_io in ("float32", "int8", "uint8"), "--int8-io", int8_io, "float32, int8 or uint8"),
+              (math.isfinite(tolerance) and tolerance > 0, "--tolerance", tolerance, "a finite number > 0"),
+              (max_test_images >= 0, "--max-test-images", max_test_images, "an integer >= 0"),
+              (latency_runs >= 1, "--latency-runs", latency_runs, "an integer >= 1")]
+    for ok, flag, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value!r}: expected {expected}")
+
+
+#: What marks a folder as a tfkd export (``model_card.json`` holds it with the files written).
+MARKER = "tfkd_export"
+
+
+def previous_export(out: Path) -> list[str] | None:
+    """The entries a previous tfkd export wrote in ``out`` (None when ``out`` is no tfkd export).
+    An export from before the manifest existed is recognized by its model card."""
+    for name in ("model_card.json", "compress_report.json"):  # tfkd.export's, tfkd.compress's
+        try:
+            card = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(card, dict):
+            continue
+        if isinstance(card.get(MARKER), dict):
+            return [str(f) for f in card[MARKER].get("files", [])]
+        if name == "model_card.json" and "formats" in card and "labels" in card:  # before the marker
+            return [*FILES.values(), "labels.txt", "model_card.json", "model_card.md"]
+        if name == "compress_report.json" and "compressed_int8" in card:
+            return [FILES["int8"], "labels.txt", "compress_report.json"]
+    return None
+
+
+def check_out(out: str | Path, model_path: str | Path | None = None) -> Path:
+    """Where an export may go: a new or empty folder, or a previous tfkd export (whose own files
+    are replaced; anything else in it is left alone). Raises ``ConfigError`` naming the folder
+    otherwise, before anything is converted; returns ``out`` as an absolute path."""
+    from tfkd import rundir
+    from tfkd.errors import ConfigError
+
+    out = Path(os.path.abspath(out))
+    problem = rundir.folder_problem(str(out))
+    if problem:
+        raise ConfigError(f"--out {out}: {problem}")
+    if model_path is not None:
+        source = Path(os.path.abspath(model_path))
+        source_dir = source if source.is_dir() else source.parent
+        if out == source_dir or source_dir.is_relative_to(out):
+            raise ConfigError(f"--out {out}: holds the model being exported ({source}); choose a "
+                              "new folder, e.g. beside it")
+    if out.is_dir() and any(out.iterdir()) and previous_export(out) is None:
+        raise ConfigError(f"--out {out}: not empty and not a tfkd export (no model_card.json of "
+                          "one): tfkd never writes over other files; choose a new or empty folder")
+    return out
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def training_data(run_dir: Path, data_dir: str | None) -> Any:
+    """The dataset of the run that trained the student, with its splits: the settings the
+    distill stage recorded in ``run.json`` (else the folder's ``config.yaml``)."""
+    from tfkd import config as config_lib
+    from tfkd import data as data_lib
+    from tfkd import rundir
+    from tfkd.errors import ConfigError
+
+    try:
+        recorded = rundir.load_records(run_dir).get("distill", {}).get("settings", {})
+        if (run_dir / "config.yaml").is_file():
+            cfg = config_lib.load(str(run_dir / "config.yaml"))
+        else:
+            info = rundir.read_dataset_record(run_dir) or {}
+            cfg = config_lib.load(dotlist=[f"data.dataset={info.get('dataset', 'digits')}"])
+    except ConfigError as error:
+        raise ModelError(f"the model's run folder: {error}") from None
+    values = {key: recorded.get(key, value) for key, value in config_lib.flatten(cfg).items()}
+    return data_lib.prepare(values["data.dataset"], data_dir or values["data.data_dir"],
+                            values["data.image_size"], values["data.validation_fraction"],
+                            values["seed"], values["data.hflip"], values["data.subset"])
+
+
 def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FORMATS,
            data_dir: str | None = None, opset: int = 17, representative: int = 500,
            int8_io: str = "float32", tolerance: float = 1e-4, max_test_images: int = 0,
@@ -254,25 +353,24 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
     """Converts, verifies and writes every requested format to ``out``; returns the model card.
 
     ``data`` (a ``tfkd.data.Data``) saves reloading the dataset when the caller has it; by
-    default it is rebuilt from the run folder's ``config.yaml``, with the same splits.
-    Raises ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
+    default it is rebuilt as the student's training run had it, with the same splits.
+    ``out`` must be new, empty or a previous tfkd export (``check_out``). Raises
+    ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
     """
-    from tfkd import config as config_lib
-    from tfkd import data as data_lib
-    from tfkd.errors import ExportError
+    from tfkd import rundir
+    from tfkd.errors import ConfigError, ExportError
 
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise ModelError(f"--formats {','.join(formats)}: expected some of {', '.join(FORMATS)}")
+    check_options(formats, opset, representative, int8_io, tolerance, max_test_images, latency_runs)
+    out = check_out(out, model_path)
     student, run_dir = load_student(model_path)
-    info = _read_json(run_dir / "dataset.json")
+    try:
+        info = rundir.read_dataset_record(run_dir) or {}
+        mean, std, class_names = info["mean"], info["std"], info["class_names"]
+    except (ConfigError, KeyError, TypeError) as error:
+        raise ModelError(f"{run_dir / 'dataset.json'}: damaged ({error}); it must hold the "
+                         "normalization and class names tfkd.train wrote") from None
     if data is None:
-        cfg = config_lib.load(str(run_dir / "config.yaml")) if (run_dir / "config.yaml").is_file() \
-            else config_lib.load(dotlist=[f"data.dataset={info['dataset']}"])
-        data = data_lib.prepare(cfg.data.dataset, data_dir or cfg.data.data_dir, cfg.data.image_size,
-                                cfg.data.validation_fraction, cfg.seed, cfg.data.hflip,
-                                cfg.data.subset)
-    mean, std = info["mean"], info["std"]
+        data = training_data(run_dir, data_dir)
     model = deployable(student, mean, std)
     images, labels = data.test_images, data.test_labels
     if max_test_images:
@@ -281,7 +379,6 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
     keras_logits = model.predict(pixels, batch_size=256, verbose=0)["logits"]
     keras_latency = batch1_latency_ms(lambda x: model(x, training=False), images[0], latency_runs)
 
-    out = Path(out)
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -306,10 +403,15 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
                                f"{e['agreement_with_keras'] * 100:.2f}%" for f, e in bad.items())
             raise ExportError(f"{', '.join(bad)} disagree with the Keras model beyond {tolerance:g} "
                               f"({detail}); nothing was written")
-        training = _read_json(run_dir / "metrics.json")
+        try:
+            training = json.loads((run_dir / "metrics.json").read_text()) \
+                if (run_dir / "metrics.json").is_file() else {}
+        except (OSError, ValueError):
+            training = {}  # the metrics are for the card only: a damaged file is left out
         training.pop("stages", None)
-        card = {
-            "model": student.name, "dataset": info["dataset"], "labels": info["class_names"],
+        files = sorted([FILES[f] for f in formats] + ["labels.txt", "model_card.json", "model_card.md"])
+        card = finite({
+            "model": student.name, "dataset": info.get("dataset"), "labels": class_names,
             "input": {"name": "images", "dtype": "float32", "layout": "NHWC",
                       "shape": [None, *data.image_shape], "range": "[0, 255]",
                       "int8_note": "float32 pixels and logits unless --int8-io is int8/uint8, then "
@@ -320,66 +422,103 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
             "keras": {"top1": float(np.mean(keras_logits.argmax(1) == labels)),
                       "batch1_latency_ms": keras_latency},
             "formats": report, "training": training, "source": str(Path(model_path)),
-        }
-        (tmp / "labels.txt").write_text("\n".join(info["class_names"]) + "\n")
-        (tmp / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+            MARKER: {"version": 1, "files": files},
+        })
+        (tmp / "labels.txt").write_text("\n".join(class_names) + "\n")
+        (tmp / "model_card.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
         (tmp / "model_card.md").write_text(_model_card_markdown(card))
-        _publish(tmp, out)
+        publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return card
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Moves the finished export onto ``out``, replacing a previous one as late as possible."""
-    old = out.parent / f".old-{os.getpid()}-{out.name}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def publish(tmp: Path, out: Path) -> None:
+    """Moves the finished export in ``tmp`` onto ``out``. A previous export there is replaced as
+    late as possible (its own files only: anything else a user put there stays), and the moves
+    are never cut short by Ctrl-C."""
+    from tfkd import cli
+
+    with cli.deferred_interrupts():
+        if not out.exists():
+            os.replace(tmp, out)
+            return
+        ours = set(previous_export(out) or [])
+        entries = {p.name for p in out.iterdir()}
+        foreign = {e for e in entries - ours if not e.startswith((".tmp-", ".old-"))}
+        if not foreign:  # the whole folder is ours: swap it
+            old = out.parent / f".old-{os.getpid()}-{out.name}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+            return
+        new = {p.name for p in tmp.iterdir()}
+        retired = []
+        for name in sorted(new | (ours & entries)):
+            target = out / name
+            if target.exists() or target.is_symlink():
+                aside = out / f".old-{os.getpid()}-{name}"
+                os.replace(target, aside)
+                retired.append(aside)
+            if name in new:
+                os.replace(tmp / name, target)
+        for path in retired:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``python -m tfkd.export``."""
-    parser = argparse.ArgumentParser(
+    from tfkd import cli
+
+    parser = cli.Parser(
         prog="python -m tfkd.export",
         description="Export a trained student to SavedModel, TFLite (fp32, fp16, dynamic-range, "
                     "int8) and ONNX; verify every file in its own runtime against Keras on the "
                     "test split; write labels.txt and a model card.",
-        epilog="Exit codes: 0 done, 2 bad option, 3 bad data, 4 bad model file, 6 an fp32 format "
-               "disagrees with Keras (nothing written).")
+        epilog="Exit codes: 0 done, 2 bad option (or --out holds other files), 3 bad data, 4 bad "
+               "model file, 6 an fp32 format disagrees with Keras (nothing written), 130 "
+               "interrupted (nothing written).")
     parser.add_argument("model", help="student.keras, or the run folder holding it")
-    parser.add_argument("--out", required=True, help="output folder (replaced when the export succeeds)")
+    parser.add_argument("--out", required=True,
+                        help="output folder: new, empty, or a previous export (its files are "
+                             "replaced once the whole export succeeded; other files stay)")
     parser.add_argument("--formats", default=",".join(FORMATS),
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
     parser.add_argument("--data-dir", help="dataset folder, if it moved since training")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--representative", type=int, default=500,
+    parser.add_argument("--representative", type=cli.positive_int, default=500,
                         help="training images used to calibrate int8 (default 500)")
     parser.add_argument("--int8-io", choices=("float32", "int8", "uint8"), default="float32",
                         help="input/output type of model_int8.tflite (default float32)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
+    parser.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
                         help="max abs logit difference allowed for fp32 formats, relative to the "
                              "largest |logit| when that exceeds 1 (default 1e-4)")
-    parser.add_argument("--max-test-images", type=int, default=0,
+    parser.add_argument("--max-test-images", type=cli.non_negative_int, default=0,
                         help="verify on the first N test images only (default: all)")
-    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls per format")
+    parser.add_argument("--latency-runs", type=cli.positive_int, default=50,
+                        help="timed batch-1 calls per format")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
-    try:
-        card = export(args.model, args.out, [f for f in args.formats.split(",") if f], args.data_dir,
-                      args.opset, args.representative, args.int8_io, args.tolerance,
+    """Entry point; returns the process exit code."""
+    from tfkd import cli
+
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+        check_options(formats, args.opset, args.representative, args.int8_io, args.tolerance,
                       args.max_test_images, args.latency_runs)
-    except TfkdError as error:
-        print(f"tfkd: error: {error}", file=sys.stderr)
-        return error.exit_code
-    print(Path(args.out, "model_card.md").read_text())
-    print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
-    return 0
+        out = check_out(args.out, args.model)
+        cli.import_tensorflow(args.verbose)
+        card = export(args.model, out, formats, args.data_dir, args.opset, args.representative,
+                      args.int8_io, args.tolerance, args.max_test_images, args.latency_runs)
+        print(Path(out, "model_card.md").read_text())
+        print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
+        return 0
+
+    return cli.run(body, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

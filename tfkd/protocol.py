@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
 
 from tfkd.errors import ConfigError, TrainingError
 
@@ -114,12 +113,10 @@ def load(protocol: str) -> Protocol:
     """Reads and checks a protocol file (YAML, read as data only)."""
     from tfkd.distill.methods import METHODS, teachers_needed
 
+    from tfkd.config import read_yaml_file
+
     path = resolve(protocol)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    raw = _mapping(raw, str(path))
+    raw = _mapping(read_yaml_file(str(path), "protocol"), str(path))
     _known(raw, PROTOCOL_KEYS, str(path))
     for key in ("dataset", "epochs", "student", "teachers", "runs"):
         if key not in raw:
@@ -201,16 +198,17 @@ class Job:
     run_dir: Path
     args: list[str]
 
+    @property
+    def stage(self) -> str:
+        """The pipeline stage this job runs (``teacher`` or ``distill``)."""
+        return "teacher" if self.kind == "teacher" else "distill"
+
     def done(self) -> bool:
         """True if the run finished (its metrics.json holds the stage's result).
 
-        Raises ``ConfigError`` if the folder holds a run of other settings, so a changed
-        protocol or ``--epochs`` never reuses stale results.
+        Raises ``ConfigError`` if the folder holds a run of other settings (``changed_setting``),
+        so a changed protocol, ``--epochs`` or default never reuses stale results.
         """
-        recorded = self.run_dir / "bench_job.json"
-        if recorded.is_file() and json.loads(recorded.read_text()).get("args") != self.args:
-            raise ConfigError(f"{self.run_dir}: holds a run with other settings (see its "
-                              "bench_job.json); use another --out, or remove the folder to redo it")
         changed = self.changed_setting()
         if changed:
             raise ConfigError(f"{self.run_dir}: holds a run with other settings ({changed}, "
@@ -218,34 +216,20 @@ class Job:
         return _result(self.run_dir, self.kind) is not None
 
     def changed_setting(self) -> str | None:
-        """The first setting this run reads whose value in the run folder's ``config.yaml``
-        differs from what the job's arguments resolve to now (same arguments can still mean other
-        settings when a default changed); None if all agree. A student run reads the ``distill.*``
-        options of its method only (``methods.OPTIONS_READ``). Keys the folder does not have
-        (options added since) are not compared."""
-        saved = self.run_dir / "config.yaml"
-        if not saved.is_file():
+        """The first setting this run reads whose recorded value in the run folder differs from
+        what the job's arguments resolve to now; None if all agree. The comparison is
+        ``tfkd.rundir``'s, the one ``tfkd.train`` makes on a re-run: each stage's own settings
+        only (a kd run does not read the discriminator's options), keys the record lacks
+        (options added since) not compared."""
+        if not self.run_dir.is_dir():
             return None
-        from tfkd import config as config_lib
-        from tfkd.distill.methods import reads_option
-        from tfkd.train import build_parser, config_from_args
+        from tfkd import rundir
+        from tfkd.arguments import config_from_argv
 
-        now = _flatten(yaml.safe_load(config_lib.to_yaml(config_from_args(build_parser().parse_args(self.args)))))
-        then = _flatten(yaml.safe_load(saved.read_text()) or {})
-        for key in sorted(now):
-            if key not in then or then[key] == now[key] or not _applies(key, self.kind):
-                continue
-            if self.kind == "student" and key.startswith("distill.") and \
-                    not reads_option(now["distill.method"], key.split(".", 1)[1]):
-                continue
-            return f"{key} is {then[key]!r} there, {now[key]!r} now"
-        return None
-
-    def record(self) -> None:
-        """Writes the job's arguments beside its run (checked by ``done``)."""
-        from tfkd import io
-
-        io.write_json(self.run_dir / "bench_job.json", {"args": self.args})
+        cfg = config_from_argv(self.args)
+        now = rundir.stage_settings(cfg, self.stage, teachers=cfg.distill.teachers)
+        found = rundir.differences(rundir.recorded_settings(self.run_dir, self.stage), now)
+        return found[0] if found else None
 
 
 def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
@@ -268,13 +252,13 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
     """
     epochs = epochs or protocol.epochs
     teacher_seed = (list(seeds) if seeds else protocol.seeds)[0]
-    selected = [protocol.runs[name] for name in (only or protocol.runs)]
     for name in only or []:
         if name not in protocol.runs:
             raise ConfigError(f"--only {name}: not a run of {protocol.name} "
                               f"({', '.join(protocol.runs)})")
+    selected = [protocol.runs[name] for name in (only or protocol.runs)]
     common = ["--dataset", protocol.dataset, "--epochs", str(epochs),
-              "--batch-size", str(protocol.batch_size), "--set", "verbose=2",
+              "--batch-size", str(protocol.batch_size), "--set", "progress=2",
               *(["--data-dir", data_dir] if data_dir else [])]
     extra = {kind: [item for o in overrides if _applies(o.split("=", 1)[0].strip(), kind)
                     for item in ("--set", o)] for kind in ("teacher", "student")}
@@ -322,7 +306,6 @@ def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: st
     print(f"tfkd.bench: {protocol.name}: {len(job_list) - len(pending)} of {len(job_list)} runs "
           f"cached in {out / 'runs'}, {len(pending)} to run", flush=True)
     for job in tqdm(pending, desc=protocol.name, unit="run", disable=not pending):
-        job.record()
         launch(job)
         if not job.done():
             raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "

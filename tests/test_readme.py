@@ -1,0 +1,116 @@
+"""Every command the README shows runs as written, in order, in a fast setting.
+
+The commands are read from the README itself (its ``bash`` blocks and inline ``python -m
+tfkd...`` spans), with the placeholder data paths pointed at CIFAR-10 and flags appended that
+shrink the work (one epoch, a small stratified subset, few verification images); nothing else
+about a command is changed, so a command that names a file the ones before it never wrote, or
+lacks an argument, fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+PLACEHOLDERS = ("path/to/cifar-10-batches-py", "/data/cifar-10-batches-py", "$TFKD_CIFAR10_DIR")
+#: Commands that cannot run on one machine in a test, and why.
+NOT_HERE = {"TF_CONFIG=": "needs two machines (the multi-worker tests run two local workers)",
+            "make ": "the test suite itself runs under make test", "pip install": "installs packages"}
+
+
+def readme_commands() -> list[str]:
+    """The README's shell commands in order: ``bash`` blocks (continuations joined, comments
+    dropped) and inline spans that start with ``python -m tfkd``."""
+    text = (REPO / "README.md").read_text()
+    commands: list[tuple[int, int, str]] = []
+    for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        joined = block.group(1).replace("\\\n", " ")
+        for number, line in enumerate(joined.splitlines()):
+            line = line.split(" #")[0].strip() if not line.strip().startswith("#") else ""
+            if line:
+                commands.append((block.start(), number, " ".join(line.split())))
+    for span in re.finditer(r"`(python -m tfkd[^`]*)`", text):
+        if "\n" not in span.group(1) and "--help" not in span.group(1):
+            commands.append((span.start(), 0, span.group(1)))
+    return [command for _, _, command in sorted(commands)]
+
+
+def fast(argv: list[str]) -> list[str]:
+    """The flags that shrink a command's work without changing what it does."""
+    module = argv[2] if argv[:2] == ["python", "-m"] else argv[1] if argv[0] == "python" else argv[0]
+    cifar = "cifar10" in argv
+    if module == "tfkd.train":
+        return ["--epochs", "1", "--set", f"data.subset={0.02 if cifar else 0.2}", "--set", "progress=0",
+                "--set", "export.formats=[fp32,int8]", "--set", "export.max_test_images=50",
+                "--set", "export.representative=20"]
+    if module == "tfkd.export":
+        return ["--max-test-images", "50", "--representative", "20", "--latency-runs", "2"]
+    if module == "tfkd.compress":
+        return ["--epochs", "1", "--max-test-images", "50", "--batch-size", "32"]
+    if module == "tfkd.bench":
+        return {"accuracy": ["--epochs", "1", "--only", "student", "--set", "data.subset=0.02"],
+                "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
+                          "--latency-runs", "0"],
+                "pipeline": ["--batches", "1", "--steps", "1"]}[argv[3]]
+    return []
+
+
+def test_every_readme_command_runs_as_written(tmp_path, cifar10_dir):
+    from PIL import Image
+
+    from tfkd import data
+
+    commands = readme_commands()
+    assert len(commands) > 15 and any("tfkd.compress" in c for c in commands)
+    cifar = data.load_cifar_batches("cifar10", str(cifar10_dir))
+    for name, index in (("image1.png", 0), ("image2.jpg", 1)):  # the images the kit commands name
+        Image.fromarray(cifar.test_images[index]).save(tmp_path / name)
+    (tmp_path / "my.yaml").write_text("teacher:\n  epochs: 1\n")  # the config file a command names
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    ran = []
+    for command in commands:
+        if any(marker in command for marker in NOT_HERE):
+            continue
+        command = re.sub("|".join(re.escape(p) for p in PLACEHOLDERS), str(cifar10_dir), command)
+        argv = shlex.split(command)
+        argv = [*argv, *fast(argv)]
+        if argv[0] == "python":
+            argv[0] = sys.executable
+            if argv[1].startswith("export/"):
+                argv[1] = str(REPO / argv[1])
+        start = time.perf_counter()
+        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        print(f"{time.perf_counter() - start:6.1f} s  {command[:100]}")
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+        ran.append(command)
+    assert any("export/predict.py" in c for c in ran) and any("tflite_convert" in c for c in ran)
+    print(f"{len(ran)} README commands ran")
+    check_what_they_wrote(tmp_path)
+
+
+def check_what_they_wrote(cwd: Path) -> None:
+    """The artifacts of the README's commands hold what the README says they do."""
+    import json
+
+    assert (cwd / "runs/m1/student.keras").is_file() and (cwd / "artifacts/s1/model_card.json").is_file()
+    stages = json.loads((cwd / "runs/t2/metrics.json").read_text())["stages"]
+    assert (stages["teacher1"]["lambda_cls"], stages["teacher1"]["lambda_rec"]) == (0.0, 1.0)
+    assert (stages["teacher2"]["lambda_cls"], stages["teacher2"]["lambda_rec"]) == (1.0, 0.0)
+    for method in ("qat", "prune"):  # tfkd.compress
+        report = json.loads((cwd / f"artifacts/s1-{method}/compress_report.json").read_text())
+        assert report["parity_max_abs_logit_diff"] <= report["parity_allowed"]  # the tf_keras rebuild
+        assert (cwd / f"artifacts/s1-{method}/model_int8.tflite").stat().st_size == report["compressed_int8"]["bytes"]
+        assert report["compressed_int8"]["bytes"] < 0.5 * report["fp32_tflite"]["bytes"]
+        assert 0.0 <= report["compressed_int8"]["top1"] <= 1.0 and report["test_images"] == 50
+        if method == "prune":
+            assert abs(report["sparsity"] - 0.5) <= 0.02
+            assert report["compressed_int8"]["gzip_bytes"] < report["post_training_int8"]["gzip_bytes"]
+        else:
+            assert report["teacher"] == "runs/t1/teacher.keras" and report["kd_alpha"] == 0.9

@@ -1,0 +1,559 @@
+"""The pipeline in a run folder: the teacher stage, the distill stage and the export stage.
+
+``run(cfg)`` runs the configured stage(s) in order: ``teacher`` trains the teacher(s) the method
+needs (one reconstruction-augmented teacher; for ``mktn`` Teacher1, an autoencoder, and
+Teacher2, a plain classifier), ``distill`` trains the student with the method's loss terms,
+``export`` writes and verifies the student's edge formats in ``export/``; ``all`` runs the three.
+``python -m tfkd.train`` and the notebooks call it; ``tfkd.compress`` and ``tfkd.bench`` reuse
+its teacher loading and optimizers.
+
+Run directory layout (every file written atomically):
+
+- ``config.yaml``, ``dataset.json``: the resolved configuration of the last command; class
+  names, split sizes and the normalization constants
+- ``run.json``: what each artifact was made with (the settings each stage read; ``tfkd.rundir``)
+- ``teacher.keras`` (``teacher1.keras`` + ``teacher2.keras`` for mktn): trained teachers
+- ``student.keras``: the distilled student alone (no adapters, no discriminators)
+- ``backup/<stage>/``: ``BackupAndRestore`` state while a stage trains (everything needed to
+  resume: weights, adapters, discriminators, both optimizers' state); a killed run resumes
+- ``<stage>_log.csv`` and ``tensorboard/<stage>/``: per-epoch metrics
+- ``reconstructions.png``: test images over the teacher's reconstructions
+- ``export/``: SavedModel, TFLite, ONNX, labels and model card (see ``tfkd.export``)
+- ``metrics.json``: the last stage's headline metrics at top level, every stage's under ``stages``
+- ``status.json``: what the run is doing now (stage, phase, epoch), or ``done``
+- ``.lock``: the process training here (``tfkd.rundir.RunLock``)
+
+A stage whose artifact exists and whose settings match its record is skipped, so re-running a
+finished command is cheap and re-running an interrupted one continues where it stopped; a
+re-run with other settings is refused, naming them (``retrain=True`` trains the stage again).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tfkd import config as config_lib
+
+
+def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
+                    headline: dict[str, Any] | None = None) -> None:
+    """Records ``metrics`` under ``stages[stage]``; the top level shows ``headline`` (default:
+    these metrics)."""
+    from tfkd import io
+
+    path = run_dir / "metrics.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    stages = previous.get("stages", {})
+    stages[stage] = metrics
+    io.write_json(path, {"stage": stage, **(headline or metrics), "stages": stages})
+
+
+def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
+                   epochs: int) -> Any:
+    """The configured schedule, the base rate scaled linearly from batch 128 to ``batch_size``."""
+    import keras
+
+    lr = opt.learning_rate * batch_size / 128
+    if opt.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps_per_epoch * epochs, 1))
+    if opt.schedule == "step":
+        milestones = [m for m in opt.milestones if m < epochs]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(
+            [m * steps_per_epoch for m in milestones],
+            [lr * opt.decay_rate ** i for i in range(len(milestones) + 1)]) if milestones else lr
+    return lr
+
+
+def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int) -> Any:
+    import keras
+
+    return keras.optimizers.SGD(_learning_rate(opt, batch_size, steps_per_epoch, epochs),
+                                momentum=opt.momentum,
+                                nesterov=True, weight_decay=opt.weight_decay or None)
+
+
+def discriminator_optimizer(disc: config_lib.DiscriminatorConfig) -> Any:
+    """The discriminators' Adam from ``distill.discriminator``; ``bench speed`` times the same one."""
+    import keras
+
+    return keras.optimizers.Adam(disc.learning_rate, beta_1=disc.beta_1)
+
+
+def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
+         extra_callbacks: list[Any]) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
+    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter)."""
+    import keras
+
+    from tfkd import callbacks
+
+    batch = cfg.data.batch_size
+    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer)
+    val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
+    meter = callbacks.ThroughputMeter(batch)
+    status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
+    cbs = [
+        # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
+        # killed during the final evaluation resumes there instead of training again.
+        callbacks.AtomicBackupAndRestore(str(out_dir / "backup" / stage), delete_checkpoint=False),
+        callbacks.NanGuard(stage, out_dir / "backup" / stage),
+        status,
+        keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
+        meter, *extra_callbacks,
+    ]
+    verbose = cfg.progress if cfg.progress is not None else (1 if sys.stdout.isatty() else 2)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
+                        verbose=verbose, shuffle=False).history  # the dataset shuffles itself
+    _check_finite(history, stage)
+    status.write("evaluate")
+    test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
+        if cfg.data.evaluate_test else {}
+    val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
+    status.write("save")
+    return history, val, test, meter
+
+
+def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
+                  name: str = "teacher", lambda_cls: float | None = None,
+                  lambda_rec: float | None = None) -> dict[str, Any]:
+    """Trains a reconstruction-augmented teacher saved as ``<name>.keras``; returns its metrics.
+
+    ``lambda_cls``/``lambda_rec`` default to the config's (MKTN's teachers override them).
+    """
+    from tfkd import callbacks, io, models
+    from tfkd.teacher import ReconstructionTeacher
+
+    tcfg, batch = cfg.teacher, cfg.data.batch_size
+    lambda_cls = tcfg.lambda_cls if lambda_cls is None else lambda_cls
+    lambda_rec = tcfg.lambda_rec if lambda_rec is None else lambda_rec
+    start = time.perf_counter()
+    with strategy.scope():
+        backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+        teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
+                                        pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
+                                        name=name)
+        optimizer = _sgd(tcfg.optimizer, batch, len(data.train_labels) // batch, tcfg.epochs)
+        teacher.compile(optimizer=optimizer)
+        teacher(data.normalize(data.train_images[:2]))  # build, so a backup can be restored
+        optimizer.build(teacher.trainable_variables)
+    sample = data.test_images[np.linspace(0, len(data.test_images) - 1, 10).astype(int)]
+    plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
+        if lambda_rec > 0 else []
+    history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
+    with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
+        teacher.save(tmp)
+    _drop_backup(out_dir, name)
+    return {
+        "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
+        "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
+        "val_accuracy": val.get("accuracy"), "val_psnr": val.get("psnr"),
+        "test_accuracy": test.get("accuracy"), "test_psnr": test.get("psnr"),
+        "test_loss": test.get("loss"),
+        "params": int(backbone.count_params()),
+        "train_images_per_second": meter.images_per_second,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def teacher_plan(cfg: config_lib.RunConfig) -> list[tuple[str, float | None, float | None]]:
+    """The teachers the method needs: (file stem, lambda_cls, lambda_rec); None = the config's."""
+    from tfkd.distill import teachers_needed
+
+    count = teachers_needed(cfg.distill.method)
+    if count == 2:  # MKTN: Teacher1 reconstructs (autoencoder), Teacher2 classifies
+        return [("teacher1", 0.0, 1.0), ("teacher2", 1.0, 0.0)]
+    return [("teacher", None, None)]
+
+
+def _note(message: str) -> None:
+    """A one-line remark about a decision taken for the user (stdout, like the progress)."""
+    print(f"tfkd: note: {message}", flush=True)
+
+
+def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
+    """Loads a trained teacher (a ``.keras`` file, or a run folder holding ``teacher.keras``)
+    in Keras's safe mode and returns its frozen backbone; fails fast on any mismatch.
+
+    ``role`` is what the method uses it for: ``reconstruction`` (cft's teacher, mktn's Teacher1:
+    its features should come from reconstruction training) or ``teacher`` (its logits and
+    features). A teacher trained on another dataset is refused when the record of its training
+    data (its normalization, or ``dataset.json`` beside it) says so; a teacher without such a
+    record, or a plain classifier where reconstruction features are expected, is accepted with a
+    note saying what that means.
+    """
+    from tfkd import io, rundir
+    from tfkd.errors import ConfigError, ModelError
+    from tfkd.teacher import ReconstructionTeacher
+
+    model, path = io.load_keras(path, "teacher.keras", "teacher")
+    backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
+    output = getattr(backbone, "output", None)
+    if not isinstance(output, dict) or "logits" not in output or "features" not in output:
+        raise ModelError(f"{path}: not a tfkd teacher (expected a model with logits and stage "
+                         "features, as tfkd.train writes)")
+    classes = int(output["logits"].shape[-1])
+    if classes != data.num_classes:
+        raise ModelError(f"{path}: the teacher has {classes} classes, dataset {data.name} has "
+                         f"{data.num_classes}")
+    if tuple(backbone.input_shape[1:]) != data.image_shape:
+        raise ModelError(f"{path}: the teacher takes {tuple(backbone.input_shape[1:])} inputs, "
+                         f"the data is {data.image_shape}")
+    try:
+        record = rundir.read_dataset_record(path.parent)
+    except ConfigError as error:
+        raise ModelError(str(error)) from None
+    if record is not None:
+        found = rundir.dataset_differences(record, data.info())
+        if found:
+            raise ModelError(f"{path}: trained on another dataset than this run's {data.name} "
+                             f"({found[0]}, says {path.parent / 'dataset.json'})")
+    if isinstance(model, ReconstructionTeacher):
+        gap = np.abs(np.array(model.pixel_mean) - data.mean).max()
+        if gap > 0.05 * float(data.std.mean()):
+            raise ModelError(f"{path}: the teacher was trained with pixel mean "
+                             f"{np.round(model.pixel_mean, 1).tolist()}, this data has "
+                             f"{np.round(data.mean, 1).tolist()}: a teacher of another dataset?")
+    elif record is None:
+        _note(f"{path} holds no record of its training data (no dataset.json beside it): assuming "
+              f"it was trained on {data.name}'s {data.num_classes} classes in this order")
+    reconstructs = isinstance(model, ReconstructionTeacher) and model.lambda_rec > 0
+    classifies = not isinstance(model, ReconstructionTeacher) or model.lambda_cls > 0
+    if role == "reconstruction" and not reconstructs:
+        _note(f"{path} was not trained with reconstruction: the feature and adversarial terms "
+              "mimic a plain classifier's features (no reconstruction features)")
+    if role == "teacher" and not classifies:
+        _note(f"{path} was trained without classification (an autoencoder): its logits are "
+              "untrained, so logit terms learn nothing useful from it")
+    backbone.trainable = False
+    return backbone
+
+
+def teacher_roles(method: str) -> list[str]:
+    """What each of ``method``'s teachers is for, in command-line order (see ``load_teacher``)."""
+    from tfkd.distill import teachers_needed
+
+    count = teachers_needed(method)
+    if count == 2:
+        return ["reconstruction", "teacher"]
+    return ["reconstruction" if method == "cft" else "teacher"] * count
+
+
+def build_distiller(cfg: config_lib.RunConfig, student: Any, teachers: Sequence[Any],
+                    steps_per_epoch: int) -> Any:
+    """The Distiller of ``cfg.distill`` (uncompiled): the method's loss weights and every option.
+
+    ``teachers`` are loaded backbones in command-line order (mktn: the reconstruction teacher,
+    then the classifier).
+    """
+    from tfkd.distill import Distiller, loss_weights
+
+    dcfg = cfg.distill
+    weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
+                           dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
+    teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
+    adversarial = teachers[0] if len(teachers) == 2 else None
+    return Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
+                     temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
+                     sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
+                     adversarial_warmup_steps=dcfg.adv_warmup_epochs * steps_per_epoch,
+                     discriminator_width=dcfg.discriminator.width, name="distiller")
+
+
+def load_teachers(cfg: config_lib.RunConfig, data: Any, strategy: Any,
+                  teacher_paths: Sequence[str | Path]) -> list[Any]:
+    """The method's teachers, loaded and checked (``load_teacher``) in ``strategy``'s scope."""
+    with strategy.scope():
+        return [load_teacher(p, data, role) for p, role in
+                zip(teacher_paths, teacher_roles(cfg.distill.method))]
+
+
+def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
+                  teacher_paths: Sequence[str | Path], teachers: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Distills the student with the configured method; saves ``student.keras``; returns metrics.
+    ``teachers`` are the loaded ``teacher_paths`` when the caller has them already."""
+    from tfkd import io, models
+
+    dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
+    start = time.perf_counter()
+    if teachers is None:
+        teachers = load_teachers(cfg, data, strategy, teacher_paths)
+    with strategy.scope():
+        student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+        steps_per_epoch = len(data.train_labels) // batch
+        distiller = build_distiller(cfg, student, teachers, steps_per_epoch)
+        optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
+        distiller.compile(optimizer=optimizer,
+                          discriminator_optimizer=discriminator_optimizer(dcfg.discriminator))
+        distiller.build_all()
+    history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
+    with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
+        student.save(tmp)
+    _drop_backup(out_dir, "distill")
+    last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
+    return {
+        "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
+        "terms": {t: getattr(distiller.loss_weights, t) for t in distiller.terms}, "stages": dcfg.stages,
+        "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
+        "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
+        "test_loss": test.get("loss"), "params": int(student.count_params()),
+        "train_images_per_second": meter.images_per_second, **last,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def _drop_backup(out_dir: Path, stage: str) -> None:
+    """Removes a stage's backup once its artifact is saved (it is no longer needed to resume)."""
+    import shutil
+
+    shutil.rmtree(out_dir / "backup" / stage, ignore_errors=True)
+    _remove_if_empty(out_dir / "backup")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def _check_finite(history: dict[str, list[float]], stage: str) -> None:
+    import math
+
+    from tfkd.errors import TrainingError
+
+    losses = history.get("loss", [])
+    if losses and not math.isfinite(losses[-1]):
+        raise TrainingError(f"{stage}: the loss became {losses[-1]} in epoch {len(losses)}; "
+                            "lower the learning rate (the last good backup is kept)")
+
+
+def _stage_metrics(run_dir: Path, stage: str) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()).get("stages", {}).get(stage, {}) if path.is_file() else {}
+
+
+def _trained_teacher(run_dir: Path, out_dir: Path, name: str) -> Path:
+    """This run's teacher ``name``: a non-chief worker reads the copy it trained itself."""
+    local = out_dir / f"{name}.keras"
+    return local if local.is_file() else run_dir / f"{name}.keras"
+
+
+def _done(run_dir: Path, stage: str) -> None:
+    from tfkd import io
+
+    io.write_json(run_dir / "status.json", {"stage": stage, "phase": "done", "time": time.time()})
+
+
+#: Per stage, the config sections only that stage reads: what ``config.yaml`` keeps from an
+#: artifact's record when the last command did not run that stage.
+_OWN_SECTIONS = {"teacher": ("teacher.",), "distill": ("student.", "distill."), "export": ("export.",)}
+
+
+def _describe_folder(cfg: config_lib.RunConfig, records: dict[str, Any], running: set[str]) -> str:
+    """``config.yaml`` for the folder: this command's configuration, except that the sections
+    only a stage not run now reads keep the values its artifact was made with."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.structured(cfg)
+    for stage, record in records.items():
+        if stage in running or record.get("status") != "done" or stage in ("teacher1", "teacher2"):
+            continue
+        for key, value in record.get("settings", {}).items():
+            if key.startswith(_OWN_SECTIONS.get(stage, ())) and key != "distill.teachers":
+                try:
+                    OmegaConf.update(conf, key, value, merge=False)
+                except Exception:  # a key of an older tfkd: the record in run.json keeps it
+                    pass
+    return OmegaConf.to_yaml(conf)
+
+
+class _Stage:
+    """One stage of this command: its name, artifact, the settings it reads and what to do."""
+
+    def __init__(self, name: str, artifact: Path, settings: dict[str, Any] | None) -> None:
+        self.name, self.artifact, self.settings = name, artifact, settings
+        self.retrain = False
+
+
+def _check_folder(run_dir: Path, data: Any, stages: list[_Stage], retrain: bool) -> dict[str, Any]:
+    """Refuses a folder that holds another dataset, or a stage whose artifact (or interrupted
+    backup) was made with other settings, naming them; with ``retrain`` such stages are marked
+    to train again. Returns the folder's records."""
+    from tfkd import rundir
+    from tfkd.errors import ConfigError
+
+    records = rundir.load_records(run_dir)
+    previous = rundir.read_dataset_record(run_dir)
+    holds_artifacts = any((run_dir / f).exists() for f in ("teacher.keras", "teacher1.keras",
+                                                          "teacher2.keras", "student.keras", "backup"))
+    if previous is not None and holds_artifacts:
+        found = rundir.dataset_differences(previous, data.info())
+        if found:
+            raise ConfigError(f"{run_dir}: holds a run on another dataset ({'; '.join(found[:2])}); "
+                              "choose another --run-dir")
+    for stage in stages:
+        backup = run_dir / "backup" / stage.name
+        if stage.settings is None or not (stage.artifact.exists() or backup.exists()):
+            continue
+        recorded = records[stage.name]["settings"] if stage.name in records else \
+            rundir.recorded_settings(run_dir, stage.name)
+        found = rundir.differences(recorded, stage.settings)
+        if not found:
+            continue
+        if not retrain:
+            what = stage.artifact.name if stage.artifact.exists() else f"an interrupted {stage.name} stage"
+            raise ConfigError(f"{run_dir}: {what} was made with other settings ({'; '.join(found[:3])}"
+                              f"{'; ...' if len(found) > 3 else ''}); add --retrain to train the "
+                              f"{stage.name} stage again, or choose another --run-dir")
+        stage.retrain = True
+        print(f"tfkd: --retrain: the {stage.name} stage trains again ({'; '.join(found[:3])})")
+    return records
+
+
+def _skip(stage: _Stage) -> bool:
+    if stage.artifact.exists() and not stage.retrain:
+        print(f"tfkd: {stage.artifact} exists: skipping the {stage.name} stage (--retrain with "
+              "other settings trains it again, or choose another --run-dir)")
+        return True
+    return False
+
+
+def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Runs the configured stage(s) in ``cfg.run_dir``; returns the metrics of the last stage run.
+
+    Nothing is written before the data and any given teacher files have loaded and checked out;
+    then the folder is locked for this process, checked against what it holds (``retrain``
+    trains a stage with other settings again) and described in ``config.yaml``/``dataset.json``.
+    ``verbose`` shows TensorFlow's own start-up log.
+    """
+    import shutil
+
+    from tfkd import cli, rundir
+    from tfkd.errors import ConfigError
+
+    cli.import_tensorflow(verbose)
+    from tfkd.strategy import is_chief, make_strategy, task_name
+
+    strategy = make_strategy(cfg.strategy)  # first: multi-worker must start before other ops
+    import keras
+
+    from tfkd import data as data_lib
+    from tfkd import io
+    from tfkd.distill import teachers_needed
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    chief = is_chief(strategy)
+    run_dir = Path(cfg.run_dir)
+    data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
+                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip, cfg.data.subset)
+    plan = teacher_plan(cfg)
+    needed = teachers_needed(cfg.distill.method)
+    given = list(cfg.distill.teachers)
+    distill_now = cfg.stage in ("distill", "all")
+    teachers_now = cfg.stage == "teacher" or (cfg.stage == "all" and bool(needed) and not given)
+    given_loaded = load_teachers(cfg, data, strategy, given) if distill_now and given else None
+    # A non-chief worker writes its own copies (never read by users) in a folder of its own that
+    # survives a restart: its backups let it resume at the same epoch as the chief.
+    out_dir = run_dir if chief else run_dir / ".workers" / task_name(strategy)
+    try:
+        lock = rundir.RunLock(out_dir, "python -m tfkd.train " + " ".join(sys.argv[1:])).acquire()
+    except OSError as error:
+        raise ConfigError(f"run_dir {cfg.run_dir}: {cli.os_error_message(error)}") from None
+    if lock.took_over:
+        print(f"tfkd: {out_dir}: took over the lock of process {lock.took_over.get('pid')}, which "
+              "is no longer running")
+    try:
+        teacher_paths = given or ([_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan]
+                                  if needed else [])
+        stages = [_Stage(name, run_dir / f"{name}.keras", rundir.stage_settings(
+                      cfg, name, None if lc is None else (lc, lr))) for name, lc, lr in plan] \
+            if teachers_now else []
+        if distill_now:
+            new_teachers = teachers_now and any(not s.artifact.exists() for s in stages)
+            settings = None if new_teachers else rundir.stage_settings(cfg, "distill", teachers=teacher_paths)
+            stages.append(_Stage("distill", run_dir / "student.keras", settings))
+        records = _check_folder(run_dir, data, stages, retrain)
+        if distill_now and stages[-1].artifact.exists() and (
+                new_teachers or any(s.retrain for s in stages[:-1])):
+            if not retrain:  # its teachers are trained (again) by this command
+                raise ConfigError(f"{run_dir}: student.keras was distilled from other teachers than "
+                                  "the ones this command trains; add --retrain to distill it again, "
+                                  "or choose another --run-dir")
+            stages[-1].retrain = True
+        for stage in stages:
+            if stage.retrain:
+                shutil.rmtree(out_dir / "backup" / stage.name, ignore_errors=True)
+        if chief:
+            running = {s.name for s in stages} | ({"export"} if cfg.stage in ("export", "all") else set())
+            io.write_text(run_dir / "config.yaml", _describe_folder(cfg, records, running))
+            io.write_json(run_dir / "dataset.json", data.info())
+        metrics: dict[str, Any] = {}
+        for stage, (name, lambda_cls, lambda_rec) in zip(stages, plan if teachers_now else []):
+            if _skip(stage):
+                metrics = _stage_metrics(run_dir, name)
+                continue
+            if chief:
+                rundir.write_record(run_dir, name, stage.settings, "training")
+            metrics = train_teacher(cfg, data, strategy, out_dir, name, lambda_cls, lambda_rec)
+            if chief:
+                rundir.write_record(run_dir, name, stage.settings, "done", stage.artifact.name)
+                _update_metrics(run_dir, name, metrics)
+                _done(run_dir, name)
+                if not distill_now and (run_dir / "student.keras").exists():
+                    _note(f"{run_dir / 'student.keras'} was distilled from the previous {name}; "
+                          "re-run --stage distill --retrain to distill it from the new one")
+        if distill_now:
+            stage = stages[-1]
+            if not _skip(stage):
+                settings = rundir.stage_settings(cfg, "distill", teachers=teacher_paths)
+                if chief:
+                    rundir.write_record(run_dir, "distill", settings, "training")
+                metrics = train_student(cfg, data, strategy, out_dir, teacher_paths, given_loaded)
+                if chief:
+                    rundir.write_record(run_dir, "distill", settings, "done", stage.artifact.name)
+                    _update_metrics(run_dir, "distill", metrics)
+                    _done(run_dir, "distill")
+            else:
+                metrics = _stage_metrics(run_dir, "distill")
+        if cfg.stage in ("export", "all") and chief:
+            export_settings = {**rundir.stage_settings(cfg, "export"),
+                               "student": rundir.sha256(run_dir / "student.keras")}
+            recorded = rundir.load_records(run_dir).get("export", {})
+            current = (run_dir / "export" / "model_card.json").is_file() \
+                and recorded.get("settings") == export_settings
+            if current:
+                print(f"tfkd: {run_dir / 'export'} is up to date: skipping the export stage")
+                metrics = {**_stage_metrics(run_dir, "distill"), "export": _stage_metrics(run_dir, "export")}
+            else:
+                metrics = export_student(cfg, run_dir, data)
+                rundir.write_record(run_dir, "export", export_settings, "done", "export")
+        return metrics
+    finally:
+        lock.release()
+
+
+def export_student(cfg: config_lib.RunConfig, run_dir: Path, data: Any) -> dict[str, Any]:
+    """Exports ``run_dir/student.keras`` to ``run_dir/export`` (see ``tfkd.export``)."""
+    from tfkd import export
+
+    ecfg = cfg.export
+    card = export.export(run_dir / "student.keras", run_dir / "export", ecfg.formats,
+                         cfg.data.data_dir, ecfg.opset, ecfg.representative, ecfg.int8_io,
+                         ecfg.tolerance, ecfg.max_test_images, data=data)
+    summary = {fmt: {k: entry[k] for k in ("bytes", "top1", "agreement_with_keras",
+                                            "max_abs_logit_diff", "batch1_latency_ms")}
+               for fmt, entry in card["formats"].items()}
+    metrics = {"folder": str(run_dir / "export"), "formats": summary,
+               "keras_top1": card["keras"]["top1"],
+               "keras_batch1_latency_ms": card["keras"]["batch1_latency_ms"]}
+    headline = {**_stage_metrics(run_dir, "distill"), "export": metrics}
+    _update_metrics(run_dir, "export", metrics, headline)  # the student's figures stay on top
+    return headline
