@@ -49,6 +49,21 @@ def cifar10_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def teachers_dir() -> Path:
+    """The public PyTorch CIFAR-10 teachers from TFKD_TEACHERS_DIR (default: ``teachers`` beside
+    the TFKD_CIFAR10_DIR folder, as in the shared data folder). Skipped when absent; under
+    CI=true a missing folder is a failure, not a skip."""
+    value = os.environ.get("TFKD_TEACHERS_DIR") or (
+        str(Path(os.environ["TFKD_CIFAR10_DIR"]).parent / "teachers") if os.environ.get("TFKD_CIFAR10_DIR") else "")
+    if not value or not Path(value, "resnet20.npz").is_file():
+        message = f"TFKD_TEACHERS_DIR={value!r} does not hold resnet20.npz"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
 def digits():
     """The digits dataset, prepared once per session."""
     from tfkd import data

@@ -12,6 +12,8 @@ import pytest
 from tfkd import export
 from tfkd.errors import ExportError, ModelError
 
+pytestmark = pytest.mark.xdist_group("export")  # module fixtures: built once, on one worker
+
 
 def test_every_format_is_written_and_named(exported):
     out, card = exported

@@ -22,6 +22,8 @@ from conftest import fake_cifar
 
 from tfkd import bench, export, train
 
+pytestmark = pytest.mark.xdist_group("hostile")  # module fixtures: built once, on one worker
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--batch-size", "64",
         "--set", "progress=0"]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.xdist_group("export")  # module fixtures: built once, on one worker
+
 KIT = Path(__file__).resolve().parents[1] / "export"
 
 

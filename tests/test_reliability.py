@@ -18,6 +18,8 @@ import tensorflow as tf
 from tfkd import callbacks, train
 from tfkd.errors import TrainingError
 
+pytestmark = pytest.mark.xdist_group("reliability")  # module fixtures: built once, on one worker
+
 FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "progress=0"]
 
 

@@ -14,6 +14,8 @@ from PIL import Image
 from tfkd import pipeline, train
 from tfkd.teacher import ReconstructionTeacher
 
+pytestmark = pytest.mark.xdist_group("train")  # module fixtures: built once, on one worker
+
 FAST = ["--teacher-model", "resnet8", "--batch-size", "64", "--set", "progress=0"]
 FAST_EXPORT = ["--set", "export.formats=[fp32,int8]", "--set", "export.max_test_images=60",
                "--set", "export.representative=50"]
@@ -236,8 +238,9 @@ def test_multiworker_distillation_on_two_local_workers(tmp_path):
                 "--epochs", "2", "--student-model", "resnet8", *FAST, *FAST_EXPORT]
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-2000:]
+    report = "\n".join(f"worker {i}: exit {p.returncode}\n{err[-1500:]}" for i, (p, (_, err)) in
+                       enumerate(zip(procs, outputs)))
+    assert all(p.returncode == 0 for p in procs), report
     metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["distill"]
     assert metrics["method"] == "cft" and metrics["epochs"] == 2
     assert (run_dir / "teacher.keras").is_file() and (run_dir / "student.keras").is_file()

@@ -104,7 +104,8 @@ def positive_float(text: str) -> float:
 class Parser(argparse.ArgumentParser):
     """argparse, with errors on one line prefixed like every other tfkd error (exit code 2)."""
 
-    def error(self, message: str) -> None:  # argparse's hook: never returns
+    def error(self, message: str) -> None:
+        """argparse's hook for a usage error: one line, exit code 2 (never returns)."""
         self.exit(2, f"tfkd: error: {self.prog}: {message}\n")
 
 
@@ -174,6 +175,9 @@ def run(body: Callable[[], int], interrupted: str = "interrupted") -> int:
             return error.exit_code
         if isinstance(error, OSError):  # one we did not anticipate: still one line naming the file
             print(f"tfkd: error: {os_error_message(error)}", file=sys.stderr)
+            return ConfigError.exit_code
+        if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":
+            print("tfkd: error: out of memory: lower data.batch_size (or the image size)", file=sys.stderr)
             return ConfigError.exit_code
         raise
     finally:

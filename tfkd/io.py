@@ -68,3 +68,25 @@ def load_keras(path: str | os.PathLike, default_name: str, what: str) -> tuple[A
         first_line = str(error).splitlines()[0][:200] if str(error) else ""
         raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__}"
                          f"{': ' + first_line if first_line else ''})") from None
+
+
+def model_record_path(model_path: str | os.PathLike) -> Path:
+    """The record beside a model that tfkd did not train in a run folder (an imported one):
+    ``<model>.json``, with its class names and input convention."""
+    return Path(model_path).with_suffix(".json")
+
+
+def read_model_record(model_path: str | os.PathLike) -> dict[str, Any] | None:
+    """``<model>.json`` beside ``model_path`` (None when absent); ``ModelError`` when damaged."""
+    from tfkd.errors import ModelError
+
+    path = model_record_path(model_path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError
+        return record
+    except (OSError, ValueError):
+        raise ModelError(f"{path}: damaged model record (expected the JSON tfkd writes)") from None

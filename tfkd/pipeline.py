@@ -178,17 +178,21 @@ def _note(message: str) -> None:
 
 def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
     """Loads a trained teacher (a ``.keras`` file, or a run folder holding ``teacher.keras``)
-    in Keras's safe mode and returns its frozen backbone; fails fast on any mismatch.
+    in Keras's safe mode and returns its frozen backbone, fed what it expects; fails fast on
+    any mismatch.
 
     ``role`` is what the method uses it for: ``reconstruction`` (cft's teacher, mktn's Teacher1:
     its features should come from reconstruction training) or ``teacher`` (its logits and
-    features). A teacher trained on another dataset is refused when the record of its training
-    data (its normalization, or ``dataset.json`` beside it) says so; a teacher without such a
-    record, or a plain classifier where reconstruction features are expected, is accepted with a
-    note saying what that means.
+    features). What the model takes is read from it (``tfkd.models.wrap``): a tfkd teacher its
+    stored normalization, a model starting with a preprocessing layer [0, 255] pixels, a zoo
+    model its run folder's normalization (``dataset.json``). A teacher trained on another dataset
+    is refused when its record says so (its normalization, ``dataset.json`` beside it, or the
+    class names of an imported model's ``<name>.json``); a teacher with no such record, or a
+    plain classifier where reconstruction features are expected, is accepted with a note.
     """
     from tfkd import io, rundir
     from tfkd.errors import ConfigError, ModelError
+    from tfkd.models import wrap
     from tfkd.teacher import ReconstructionTeacher
 
     model, path = io.load_keras(path, "teacher.keras", "teacher")
@@ -208,20 +212,36 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
         record = rundir.read_dataset_record(path.parent)
     except ConfigError as error:
         raise ModelError(str(error)) from None
+    imported = io.read_model_record(path)
     if record is not None:
         found = rundir.dataset_differences(record, data.info())
         if found:
             raise ModelError(f"{path}: trained on another dataset than this run's {data.name} "
                              f"({found[0]}, says {path.parent / 'dataset.json'})")
+    if imported is not None and imported.get("class_names") not in (None, data.class_names):
+        raise ModelError(f"{path}: classifies {imported['class_names'][:3]}..., this run's {data.name} "
+                         f"has {data.class_names[:3]}... (says {io.model_record_path(path)})")
+    builtin = wrap.builtin_preprocessing(backbone)
     if isinstance(model, ReconstructionTeacher):
         gap = np.abs(np.array(model.pixel_mean) - data.mean).max()
         if gap > 0.05 * float(data.std.mean()):
             raise ModelError(f"{path}: the teacher was trained with pixel mean "
                              f"{np.round(model.pixel_mean, 1).tolist()}, this data has "
                              f"{np.round(data.mean, 1).tolist()}: a teacher of another dataset?")
-    elif record is None:
-        _note(f"{path} holds no record of its training data (no dataset.json beside it): assuming "
-              f"it was trained on {data.name}'s {data.num_classes} classes in this order")
+        convention = wrap.InputConvention(tuple(model.pixel_mean), tuple(model.pixel_std),
+                                          "the normalization it was trained with")
+    elif builtin is not None:
+        convention = wrap.pixels(f"{builtin}")
+        _note(f"{path} {builtin}: feeding it [0, 255] pixels")
+    elif record is not None:
+        convention = wrap.InputConvention(tuple(record["mean"]), tuple(record["std"]),
+                                          "the normalization of its run folder")
+    else:
+        convention = wrap.InputConvention(tuple(data.mean.tolist()), tuple(data.std.tolist()), "assumed")
+        if imported is None:
+            _note(f"{path} holds no record of its training data (no dataset.json beside it): "
+                  f"assuming it was trained on {data.name}'s {data.num_classes} classes in this "
+                  "order, with this run's normalization")
     reconstructs = isinstance(model, ReconstructionTeacher) and model.lambda_rec > 0
     classifies = not isinstance(model, ReconstructionTeacher) or model.lambda_cls > 0
     if role == "reconstruction" and not reconstructs:
@@ -231,7 +251,9 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
         _note(f"{path} was trained without classification (an autoencoder): its logits are "
               "untrained, so logit terms learn nothing useful from it")
     backbone.trainable = False
-    return backbone
+    fed = wrap.feed(backbone, data.mean, data.std, convention, name=backbone.name)
+    fed.trainable = False
+    return fed
 
 
 def teacher_roles(method: str) -> list[str]:
@@ -480,8 +502,9 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
             new_teachers = teachers_now and any(not s.artifact.exists() for s in stages)
             settings = None if new_teachers else rundir.stage_settings(cfg, "distill", teachers=teacher_paths)
             stages.append(_Stage("distill", run_dir / "student.keras", settings))
-        records = _check_folder(run_dir, data, stages, retrain)
-        if distill_now and stages[-1].artifact.exists() and (
+        # the chief decides for the cluster: other workers keep their copies in their own folder
+        records = _check_folder(run_dir, data, stages, retrain) if chief else {}
+        if chief and distill_now and stages[-1].artifact.exists() and (
                 new_teachers or any(s.retrain for s in stages[:-1])):
             if not retrain:  # its teachers are trained (again) by this command
                 raise ConfigError(f"{run_dir}: student.keras was distilled from other teachers than "

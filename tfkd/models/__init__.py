@@ -21,6 +21,7 @@ _RESNET_X4_WIDTHS = (32, 64, 128, 256)
 REGISTRY: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
     **{f"resnet{d}": ("resnet", "cifar_resnet", (d,), {"widths": _RESNET_WIDTHS})
        for d in (8, 14, 20, 32, 44, 56, 110)},
+    **{f"resnet{d}a": ("resnet", "cifar_resnet_a", (d,), {}) for d in (20, 32, 44, 56, 110)},
     "resnet8x4": ("resnet", "cifar_resnet", (8,), {"widths": _RESNET_X4_WIDTHS}),
     "resnet32x4": ("resnet", "cifar_resnet", (32,), {"widths": _RESNET_X4_WIDTHS}),
     **{f"wrn_{d}_{w}": ("wrn", "wide_resnet", (d, w), {}) for d, w in ((16, 1), (16, 2), (40, 1), (40, 2), (28, 4))},

@@ -50,3 +50,69 @@ def cifar_resnet(depth: int, num_classes: int, widths: Sequence[int] = (16, 16, 
         features.append(x)
     logits = classifier_head(api, x, num_classes)
     return finish(api, inputs, features, logits, name or f"resnet{depth}")
+
+
+def _conv3x3_torch(api: ModuleType, x: Any, filters: int, stride: int, name: str) -> Any:
+    """A 3x3 convolution padded 1 on every side as PyTorch's ``padding=1`` does (Keras's 'same'
+    pads 0 before and 1 after an even input at stride 2), without bias."""
+    if stride == 1:
+        return conv(api, filters, 3, 1, name=name)(x)
+    x = api.layers.ZeroPadding2D(1, name=f"{name}_pad")(x)
+    return api.layers.Conv2D(filters, 3, strides=stride, padding="valid", use_bias=False,
+                             kernel_initializer="he_normal", name=name)(x)
+
+
+def shortcut_a(api: ModuleType, x: Any, filters: int, name: str) -> Any:
+    """He et al.'s parameter-free "option A" shortcut: every other row and column (starting at
+    0), zero-padded with (filters - channels) / 2 channels on each side. Stock layers only:
+    a 1x1 average pool with stride 2 subsamples; the channels are padded as the third spatial
+    axis of a 5-D view."""
+    height, width, channels = (int(d) for d in x.shape[1:])
+    extra = filters - channels
+    x = api.layers.AveragePooling2D(1, strides=2, name=f"{name}_subsample")(x)
+    x = api.layers.Reshape((height // 2, width // 2, channels, 1), name=f"{name}_as_5d")(x)
+    x = api.layers.ZeroPadding3D(((0, 0), (0, 0), (extra // 2, extra - extra // 2)), name=f"{name}_pad")(x)
+    return api.layers.Reshape((height // 2, width // 2, filters), name=f"{name}_as_4d")(x)
+
+
+def basic_block_a(api: ModuleType, x: Any, filters: int, stride: int, sync_bn: bool, name: str) -> Any:
+    """conv3x3-BN-ReLU-conv3x3-BN plus the option-A shortcut, then ReLU (PyTorch padding)."""
+    out = _conv3x3_torch(api, x, filters, stride, f"{name}_conv1")
+    out = batch_norm(api, sync_bn, name=f"{name}_bn1")(out)
+    out = api.layers.ReLU(name=f"{name}_relu1")(out)
+    out = conv(api, filters, 3, 1, name=f"{name}_conv2")(out)
+    out = batch_norm(api, sync_bn, name=f"{name}_bn2")(out)
+    shortcut = x
+    if stride != 1 or int(x.shape[-1]) != filters:
+        shortcut = shortcut_a(api, x, filters, f"{name}_shortcut")
+    out = api.layers.Add(name=f"{name}_add")([out, shortcut])
+    return api.layers.ReLU(name=f"{name}_out")(out)
+
+
+def cifar_resnet_a(depth: int, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
+                   sync_bn: bool = False, name: str | None = None, api: ModuleType | None = None,
+                   pixel_normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Any:
+    """The CIFAR ResNet of He et al. 2016 exactly (``resnet{20,32,44,56,110}a``): 16/32/64
+    channels, option-A shortcuts, PyTorch's padding, so PyTorch weights import one to one
+    (``tfkd.models.pytorch``). With ``pixel_normalization`` (per-channel mean, std on the
+    [0, 255] scale) the model starts with that normalization and takes pixels."""
+    api = api or default_api()
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    blocks = (depth - 2) // 6
+    inputs = api.Input(shape=tuple(input_shape), name="images")
+    x = inputs
+    if pixel_normalization is not None:
+        mean, std = pixel_normalization
+        x = api.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
+    x = conv(api, 16, 3, name="stem_conv")(x)
+    x = batch_norm(api, sync_bn, name="stem_bn")(x)
+    x = api.layers.ReLU(name="stem_relu")(x)
+    features = []
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(blocks):
+            stride = 2 if stage > 1 and block == 0 else 1
+            x = basic_block_a(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
+        features.append(x)
+    logits = classifier_head(api, x, num_classes)
+    return finish(api, inputs, features, logits, name or f"resnet{depth}a")

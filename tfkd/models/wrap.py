@@ -1,0 +1,79 @@
+"""Feeding a trained model what it expects: its input convention, read from the model.
+
+tfkd's input pipeline hands every model images normalized with the run's dataset statistics
+(``Data.normalize``). A teacher may expect something else: a tfkd teacher of the same data
+its own stored normalization, a model with its preprocessing inside (``keras.applications``,
+imported PyTorch ResNets) [0, 255] pixels. ``input_convention`` reads which one from the model,
+and ``feed`` puts the exact per-channel affine map in front (one Normalization layer: no extra
+work when the conventions agree, none worth counting when they do not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """What a model takes: pixels normalized with ``mean``/``std`` (on the [0, 255] scale;
+    ``mean`` 0 and ``std`` 1 are raw [0, 255] pixels) and why we think so."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    reason: str
+
+    @property
+    def pixels(self) -> bool:
+        """True for raw [0, 255] pixels."""
+        return all(m == 0 for m in self.mean) and all(s == 1 for s in self.std)
+
+
+def pixels(reason: str, channels: int = 3) -> InputConvention:
+    """Raw [0, 255] pixels."""
+    return InputConvention((0.0,) * channels, (1.0,) * channels, reason)
+
+
+PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
+
+
+def first_layers(model: Any) -> list[Any]:
+    """The layers right after the model's input, in graph order (nested models opened)."""
+    layers = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
+    if layers and hasattr(layers[0], "layers") and hasattr(layers[0], "inputs"):
+        return first_layers(layers[0])
+    return layers[:2]
+
+
+def builtin_preprocessing(model: Any) -> str | None:
+    """The description of the preprocessing layer a model starts with (it then takes [0, 255]
+    pixels, as ``keras.applications`` models do), or None."""
+    for layer in first_layers(model)[:1]:
+        kind = type(layer).__name__
+        if kind in PREPROCESSING_LAYERS:
+            if kind == "Rescaling":
+                return f"starts with Rescaling(scale={layer.scale}, offset={layer.offset})"
+            return f"starts with {kind}"
+    return None
+
+
+def feed(model: Any, data_mean: Sequence[float], data_std: Sequence[float],
+         convention: InputConvention, name: str | None = None) -> Any:
+    """``model`` behind a layer that turns run-normalized images (``data_mean``/``data_std``)
+    into what ``convention`` says it takes; ``model`` itself when the two agree."""
+    import keras
+
+    d_mean, d_std = np.asarray(data_mean, np.float64), np.asarray(data_std, np.float64)
+    t_mean, t_std = np.asarray(convention.mean, np.float64), np.asarray(convention.std, np.float64)
+    scale = d_std / t_std          # teacher_x = x * scale + shift
+    shift = (d_mean - t_mean) / t_std
+    if np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(shift, 0.0, rtol=0, atol=1e-7):
+        return model
+    images = keras.Input(tuple(model.input_shape[1:]), name="images")
+    # Normalization computes (x - m) / sqrt(v): m = -shift / scale, v = 1 / scale^2 gives x*scale + shift
+    converted = keras.layers.Normalization(mean=list(-shift / scale), variance=list(1.0 / scale**2),
+                                           name="feed")(images)
+    outputs = model(converted)
+    return keras.Model(images, outputs, name=name or model.name)
