@@ -245,11 +245,13 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
     protocol = protocol_lib.load(args.protocol)
     out = Path(args.out or Path("benchmarks") / "results" / protocol.name)
+    teachers_dir = args.teachers_dir or os.environ.get("TFKD_TEACHERS_DIR") or (
+        str(Path(args.data_dir).parent / "teachers") if args.data_dir else None)
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
-                                 args.set, args.validation_only)
+                                 args.set, args.validation_only, teachers_dir)
     # the report covers every run of the protocol, finished ones from the cache, even with --only
     every_job = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, None,
-                                  args.set, args.validation_only)
+                                  args.set, args.validation_only, teachers_dir)
     # the command that trains every reported run: without --report-only and --only RUN ...
     kept, skipping = [], False
     for arg in args.argv:
@@ -281,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR; unset: "
                         "TensorFlow Datasets)")
+    p.add_argument("--teachers-dir", help="folder of the PyTorch checkpoints a protocol imports "
+                                          "(default: $TFKD_TEACHERS_DIR, else 'teachers' beside --data-dir)")
     p.add_argument("--out", help="output folder (default: benchmarks/results/PROTOCOL)")
     p.add_argument("--epochs", type=cli.positive_int, help="epochs of every teacher and student run")
     p.add_argument("--seeds", type=cli.seed_int, nargs="+", help="student seeds (mean ± std over them)")

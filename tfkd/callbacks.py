@@ -133,6 +133,32 @@ class RunStatus(keras.callbacks.Callback):
         self.write("validate")
 
 
+@keras.saving.register_keras_serializable(package="tfkd")
+class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning rate (a schedule or a number) times ``scale``, and 0 for the first
+    ``frozen_steps`` steps (a fine-tuned backbone's rate)."""
+
+    def __init__(self, base: Any, scale: float = 1.0, frozen_steps: int = 0) -> None:
+        self.base, self.scale, self.frozen_steps = base, float(scale), int(frozen_steps)
+
+    def __call__(self, step: Any) -> Any:
+        from keras import ops
+
+        base = self.base(step) if callable(self.base) else self.base
+        return ops.where(ops.greater_equal(step, self.frozen_steps), ops.cast(base, "float32") * self.scale, 0.0)
+
+    def get_config(self) -> dict[str, Any]:
+        base = keras.saving.serialize_keras_object(self.base) if callable(self.base) else self.base
+        return {"base": base, "scale": self.scale, "frozen_steps": self.frozen_steps}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ScaledSchedule":
+        config = dict(config)
+        if isinstance(config["base"], dict):
+            config["base"] = keras.saving.deserialize_keras_object(config["base"])
+        return cls(**config)
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """``keras.callbacks.BackupAndRestore`` whose backup files are written atomically.
 

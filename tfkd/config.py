@@ -90,6 +90,13 @@ class TeacherConfig:
                                     "an autoencoder (MKTN Teacher1)")
     lambda_rec: float = option(1.0, "weight of the reconstruction (MSE) loss; 0 makes a plain "
                                     "classifier (MKTN Teacher2)")
+    init_from: Optional[str] = option(None, "a trained classifier (.keras: imported, a tfkd teacher "
+                                            "or student) that starts the teacher's backbone; the "
+                                            "decoder starts fresh (teacher.model is then unused)")
+    backbone_lr_scale: float = option(1.0, "learning rate of the backbone relative to the decoder's "
+                                           "(0.1 fine-tunes a pretrained backbone gently)")
+    freeze_epochs: int = option(0, "epochs at the start in which the backbone does not change "
+                                   "(the new decoder learns first)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "teacher optimizer")
 
 
@@ -345,6 +352,11 @@ def validate(config: RunConfig) -> None:
            f"a zoo model ({', '.join(models.names())})")
     _check(1 <= teacher.epochs <= MAX_EPOCHS, "teacher.epochs", teacher.epochs,
            f"an integer from 1 to {MAX_EPOCHS}")
+    _check(teacher.init_from is None or bool(str(teacher.init_from).strip()), "teacher.init_from",
+           teacher.init_from, "a .keras file, or unset")
+    _check(teacher.backbone_lr_scale >= 0, "teacher.backbone_lr_scale", teacher.backbone_lr_scale, ">= 0")
+    _check(0 <= teacher.freeze_epochs <= teacher.epochs, "teacher.freeze_epochs", teacher.freeze_epochs,
+           f"an integer from 0 to teacher.epochs ({teacher.epochs})")
     _check(teacher.lambda_cls >= 0 and teacher.lambda_rec >= 0 and
            teacher.lambda_cls + teacher.lambda_rec > 0, "teacher.lambda_cls/lambda_rec",
            (teacher.lambda_cls, teacher.lambda_rec), "non-negative weights, not both 0")

@@ -9,7 +9,6 @@ as ``.keras`` with a record beside it (``<name>.json``: classes, input, source, 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence

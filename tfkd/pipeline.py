@@ -114,9 +114,26 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     status.write("evaluate")
     test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
         if cfg.data.evaluate_test else {}
+    if cfg.data.evaluate_test:  # per-image predictions: paired comparisons of runs (tfkd.bench)
+        logits = model.predict(data.eval_dataset("test", batch).map(lambda x, y: x), verbose=0)["logits"]
+        from tfkd import io
+
+        with io.atomic_path(out_dir / "test_predictions.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, predictions=np.argmax(logits, 1).astype(np.int32),
+                         labels=data.test_labels.astype(np.int32))
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
     status.write("save")
     return history, val, test, meter
+
+
+def _scaled_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int,
+                 scale: float, frozen_steps: int) -> Any:
+    """The optimizer's schedule times ``scale``, and 0 for the first ``frozen_steps`` steps (a
+    zero rate is an exact no-op for SGD: Keras scales momentum updates and weight decay by it)."""
+    from tfkd.callbacks import ScaledSchedule
+
+    return ScaledSchedule(_learning_rate(opt, batch_size, steps_per_epoch, epochs), scale, frozen_steps)
 
 
 def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
@@ -124,7 +141,10 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                   lambda_rec: float | None = None) -> dict[str, Any]:
     """Trains a reconstruction-augmented teacher saved as ``<name>.keras``; returns its metrics.
 
-    ``lambda_cls``/``lambda_rec`` default to the config's (MKTN's teachers override them).
+    ``lambda_cls``/``lambda_rec`` default to the config's (MKTN's teachers override them). With
+    ``teacher.init_from`` the backbone starts from that trained classifier (fed what it expects)
+    and only the decoder starts fresh; the backbone then has an optimizer of its own, at
+    ``teacher.backbone_lr_scale`` times the rate and still for ``teacher.freeze_epochs``.
     """
     from tfkd import callbacks, io, models
     from tfkd.teacher import ReconstructionTeacher
@@ -133,15 +153,33 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     lambda_cls = tcfg.lambda_cls if lambda_cls is None else lambda_cls
     lambda_rec = tcfg.lambda_rec if lambda_rec is None else lambda_rec
     start = time.perf_counter()
+    steps_per_epoch = len(data.train_labels) // batch
+    initial: dict[str, Any] = {}
     with strategy.scope():
-        backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+        if tcfg.init_from:
+            backbone = load_teacher(tcfg.init_from, data, "init")
+            backbone.trainable = True
+            initial = _accuracies(backbone, data, batch)
+            print(f"tfkd: {tcfg.init_from} starts the {name}: test top-1 "
+                  f"{initial.get('init_test_accuracy', float('nan')):.2%} before the fine-tune")
+        else:
+            backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
         teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
                                         pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
                                         name=name)
-        optimizer = _sgd(tcfg.optimizer, batch, len(data.train_labels) // batch, tcfg.epochs)
-        teacher.compile(optimizer=optimizer)
+        optimizer = _sgd(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs)
+        separate = bool(tcfg.init_from) or tcfg.backbone_lr_scale != 1.0 or tcfg.freeze_epochs > 0
+        backbone_optimizer = None
+        if separate:
+            import keras
+
+            rate = _scaled_rate(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs,
+                                tcfg.backbone_lr_scale, tcfg.freeze_epochs * steps_per_epoch)
+            backbone_optimizer = keras.optimizers.SGD(rate, momentum=tcfg.optimizer.momentum, nesterov=True,
+                                                      weight_decay=tcfg.optimizer.weight_decay or None)
+        teacher.compile(optimizer=optimizer, backbone_optimizer=backbone_optimizer)
         teacher(data.normalize(data.train_images[:2]))  # build, so a backup can be restored
-        optimizer.build(teacher.trainable_variables)
+        teacher.build_optimizers()
     sample = data.test_images[np.linspace(0, len(data.test_images) - 1, 10).astype(int)]
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
@@ -150,7 +188,8 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         teacher.save(tmp)
     _drop_backup(out_dir, name)
     return {
-        "model": tcfg.model, "lambda_cls": lambda_cls, "lambda_rec": lambda_rec,
+        "model": backbone.name if tcfg.init_from else tcfg.model, "lambda_cls": lambda_cls,
+        "lambda_rec": lambda_rec, "init_from": tcfg.init_from, **initial,
         "epochs": tcfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "val_psnr": val.get("psnr"),
         "test_accuracy": test.get("accuracy"), "test_psnr": test.get("psnr"),
@@ -159,6 +198,17 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "train_images_per_second": meter.images_per_second,
         "wall_seconds": time.perf_counter() - start,
     }
+
+
+def _accuracies(model: Any, data: Any, batch: int) -> dict[str, float]:
+    """Top-1 of a ``{"logits", ...}`` model on the validation and test splits (before a fine-tune)."""
+    found = {}
+    for split in ("val", "test"):
+        images, labels = data.arrays(split)
+        if len(labels):
+            logits = model.predict(data.eval_dataset(split, batch).map(lambda x, y: x), verbose=0)["logits"]
+            found[f"init_{split}_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
+    return found
 
 
 def teacher_plan(cfg: config_lib.RunConfig) -> list[tuple[str, float | None, float | None]]:

@@ -24,25 +24,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 
 from tfkd.errors import ConfigError, TrainingError
 
 #: Folder of the protocols shipped with tfkd (``--protocol NAME`` looks here).
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
-PROTOCOL_KEYS = {"description", "dataset", "epochs", "batch_size", "seeds", "student", "set",
-                 "teachers", "runs"}
-TEACHER_KEYS = {"model", "set"}
-RUN_KEYS = {"method", "teachers", "set", "ablation", "description", "seeds"}
+PROTOCOL_KEYS = {"description", "dataset", "epochs", "batch_size", "seeds", "student", "students",
+                 "set", "teachers", "runs"}
+TEACHER_KEYS = {"model", "set", "import", "init_from", "epochs", "description"}
+RUN_KEYS = {"method", "teachers", "set", "ablation", "description", "seeds", "students"}
 BASELINE = "student"
+#: Runs the report compares every other run with, paired by seed (when the protocol has them).
+REFERENCES = ("kd", "cft")
 
 
 @dataclass
 class Teacher:
-    """A teacher the protocol trains once (``set`` holds its config overrides)."""
+    """A teacher the protocol makes once: trained from scratch (``model``), imported from a
+    PyTorch checkpoint under ``--teachers-dir`` (``import``), or fine-tuned from another of the
+    protocol's teachers (``init_from``); ``set`` holds its config overrides, ``epochs`` its own
+    epoch count (``--epochs`` still overrides it)."""
 
     name: str
-    model: str
+    model: str | None
     set: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    init_from: str | None = None
+    epochs: int | None = None
+    description: str = ""
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Run:
     ablation: bool = False
     description: str = ""
     seeds: list[int] | None = None  # None: the protocol's seeds
+    students: list[str] | None = None  # None: every student model of the protocol
 
 
 @dataclass
@@ -73,6 +85,12 @@ class Protocol:
     runs: dict[str, Run]
     set: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    students: list[str] = field(default_factory=list)  # all student models; [student] for one
+
+    def entry(self, run: str, student: str) -> str:
+        """The report's name of ``run`` with ``student``: the run's own name when the protocol
+        has one student model, ``student/run`` when it has several."""
+        return run if len(self.students) <= 1 else f"{student}/{run}"
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -118,16 +136,34 @@ def load(protocol: str) -> Protocol:
     path = resolve(protocol)
     raw = _mapping(read_yaml_file(str(path), "protocol"), str(path))
     _known(raw, PROTOCOL_KEYS, str(path))
-    for key in ("dataset", "epochs", "student", "teachers", "runs"):
+    for key in ("dataset", "epochs", "teachers", "runs"):
         if key not in raw:
             raise ConfigError(f"{path}: missing key '{key}'")
-    teachers = {}
+    if ("student" in raw) == ("students" in raw):
+        raise ConfigError(f"{path}: give 'student' (one model) or 'students' (a list), not "
+                          f"{'both' if 'student' in raw else 'neither'}")
+    students = [str(s) for s in (raw["students"] if "students" in raw else [raw["student"]])] \
+        if isinstance(raw.get("students", []), list) else []
+    if not students or len(set(students)) != len(students):
+        raise ConfigError(f"{path}: students: expected a list of distinct model names")
+    teachers: dict[str, Teacher] = {}
     for name, entry in _mapping(raw["teachers"], f"{path}: teachers").items():
-        entry = _mapping(entry, f"{path}: teachers.{name}")
-        _known(entry, TEACHER_KEYS, f"{path}: teachers.{name}")
-        if "model" not in entry:
-            raise ConfigError(f"{path}: teachers.{name}: missing key 'model'")
-        teachers[name] = Teacher(name, entry["model"], _mapping(entry.get("set"), f"{path}: teachers.{name}.set"))
+        where = f"{path}: teachers.{name}"
+        entry = _mapping(entry, where)
+        _known(entry, TEACHER_KEYS, where)
+        sources = [k for k in ("model", "import", "init_from") if k in entry]
+        if len(sources) != 1 and sources != ["model", "init_from"]:
+            raise ConfigError(f"{where}: give one of 'model' (train it), 'import' (a checkpoint) or "
+                              f"'init_from' (fine-tune another teacher), got {sources or 'none'}")
+        if "init_from" in entry and entry["init_from"] not in teachers:
+            raise ConfigError(f"{where}: init_from {entry['init_from']!r} is not a teacher listed "
+                              f"before it ({', '.join(teachers) or 'none'})")
+        epochs_of = entry.get("epochs")
+        if epochs_of is not None and (not isinstance(epochs_of, int) or epochs_of < 1):
+            raise ConfigError(f"{where}: epochs: expected a positive integer, got {epochs_of!r}")
+        teachers[name] = Teacher(name, entry.get("model"), _mapping(entry.get("set"), f"{where}.set"),
+                                 entry.get("import"), entry.get("init_from"), epochs_of,
+                                 str(entry.get("description", "")))
     runs = {}
     for name, entry in _mapping(raw["runs"], f"{path}: runs").items():
         where = f"{path}: runs.{name}"
@@ -144,19 +180,27 @@ def load(protocol: str) -> Protocol:
             if teacher not in teachers:
                 raise ConfigError(f"{where}: teacher {teacher!r} is not in teachers "
                                   f"({', '.join(teachers)})")
+        run_students = entry.get("students")
+        if run_students is not None and (not isinstance(run_students, list) or not run_students
+                                         or not set(run_students) <= set(students)):
+            raise ConfigError(f"{where}.students: expected some of {', '.join(students)}, got {run_students!r}")
         runs[name] = Run(name, method, run_teachers, _mapping(entry.get("set"), f"{where}.set"),
                          bool(entry.get("ablation", False)), str(entry.get("description", "")),
-                         _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else None)
+                         _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else None,
+                         [str(s) for s in run_students] if run_students else None)
     if BASELINE not in runs:
         raise ConfigError(f"{path}: runs: a run named '{BASELINE}' (the student alone) is needed "
                           "to report gains")
+    if runs[BASELINE].students is not None:
+        raise ConfigError(f"{path}: runs.{BASELINE}: runs with every student model (the gains are "
+                          "measured from it)")
     seeds = _seeds(raw.get("seeds", [0]), f"{path}: seeds")
     epochs = raw["epochs"]
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"{path}: epochs: expected a positive integer, got {epochs!r}")
     return Protocol(path.stem, path, str(raw["dataset"]), epochs, int(raw.get("batch_size", 128)),
-                    seeds, str(raw["student"]), teachers, runs, _mapping(raw.get("set"), f"{path}: set"),
-                    str(raw.get("description", "")).strip())
+                    seeds, students[0], teachers, runs, _mapping(raw.get("set"), f"{path}: set"),
+                    str(raw.get("description", "")).strip(), students)
 
 
 #: Config sections that only one kind of run reads: their overrides stay out of the other kind's
@@ -190,18 +234,26 @@ def _set_flags(overrides: dict[str, Any], kind: str | None = None) -> list[str]:
 
 @dataclass
 class Job:
-    """One ``python -m tfkd.train`` process of the protocol."""
+    """One process of the protocol: ``python -m tfkd.train`` (a teacher or a student run) or
+    ``python -m tfkd.import_pytorch`` (an imported teacher)."""
 
-    kind: str  # "teacher" or "student"
-    name: str
+    kind: str  # "import", "teacher" or "student"
+    name: str  # the protocol's teacher name, or the report's entry name of a student run
     seed: int
     run_dir: Path
     args: list[str]
+    run: str = ""  # a student job's protocol run
+    student: str = ""  # a student job's model
 
     @property
     def stage(self) -> str:
         """The pipeline stage this job runs (``teacher`` or ``distill``)."""
-        return "teacher" if self.kind == "teacher" else "distill"
+        return "distill" if self.kind == "student" else "teacher"
+
+    @property
+    def module(self) -> str:
+        """The command this job runs."""
+        return "tfkd.import_pytorch" if self.kind == "import" else "tfkd.train"
 
     def done(self) -> bool:
         """True if the run finished (its metrics.json holds the stage's result).
@@ -220,10 +272,17 @@ class Job:
         what the job's arguments resolve to now; None if all agree. The comparison is
         ``tfkd.rundir``'s, the one ``tfkd.train`` makes on a re-run: each stage's own settings
         only (a kd run does not read the discriminator's options), keys the record lacks
-        (options added since) not compared."""
+        (options added since) not compared. An imported teacher is compared by its source."""
         if not self.run_dir.is_dir():
             return None
         from tfkd import rundir
+
+        if self.kind == "import":
+            record = _result(self.run_dir, "import")
+            source = self.args[0]
+            if record and Path(source).is_file() and record.get("source_sha256") != rundir.sha256(source):
+                return f"source {source}: another checkpoint than the one imported there"
+            return None
         from tfkd.arguments import config_from_argv
 
         cfg = config_from_argv(self.args)
@@ -233,6 +292,11 @@ class Job:
 
 
 def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
+    if kind == "import":  # the imported model and its record (tfkd.import_pytorch)
+        record = run_dir / "teacher.json"
+        if not (record.is_file() and (run_dir / "teacher.keras").is_file()):
+            return None
+        return json.loads(record.read_text())
     path = run_dir / "metrics.json"
     if not path.is_file():
         return None
@@ -242,50 +306,73 @@ def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
     return result if result and artifact.is_file() else None
 
 
+def teacher_file(out: Path, name: str) -> Path:
+    """Where the protocol's teacher ``name`` lives (trained or imported)."""
+    return out / "runs" / "teachers" / name / "teacher.keras"
+
+
 def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None = None,
          seeds: Sequence[int] | None = None, only: Sequence[str] | None = None,
-         overrides: Sequence[str] = (), validation_only: bool = False) -> list[Job]:
+         overrides: Sequence[str] = (), validation_only: bool = False,
+         teachers_dir: str | None = None) -> list[Job]:
     """Every process the protocol needs, teachers first, in protocol order.
 
     Each student run uses ``seeds`` when given, else its own ``seeds`` in the protocol file, else
-    the protocol's; teachers are trained once, with the first of ``seeds`` or the protocol's.
+    the protocol's, for each of its student models; teachers are made once, with the first of
+    ``seeds`` or the protocol's (a teacher another one starts from is made first). Imported
+    teachers come from ``teachers_dir``.
     """
-    epochs = epochs or protocol.epochs
     teacher_seed = (list(seeds) if seeds else protocol.seeds)[0]
     for name in only or []:
         if name not in protocol.runs:
             raise ConfigError(f"--only {name}: not a run of {protocol.name} "
                               f"({', '.join(protocol.runs)})")
     selected = [protocol.runs[name] for name in (only or protocol.runs)]
-    common = ["--dataset", protocol.dataset, "--epochs", str(epochs),
-              "--batch-size", str(protocol.batch_size), "--set", "progress=2",
-              *(["--data-dir", data_dir] if data_dir else [])]
+    data_flags = ["--dataset", protocol.dataset, *(["--data-dir", data_dir] if data_dir else [])]
+    common = [*data_flags, "--epochs", str(epochs or protocol.epochs),
+              "--batch-size", str(protocol.batch_size), "--set", "progress=2"]
     extra = {kind: [item for o in overrides if _applies(o.split("=", 1)[0].strip(), kind)
                     for item in ("--set", o)] for kind in ("teacher", "student")}
     tuning = ["--set", "data.evaluate_test=false"] if validation_only else []
     needed = {t for run in selected for t in run.teachers}
+    for name in list(protocol.teachers)[::-1]:  # what a needed teacher starts from is needed too
+        if name in needed and protocol.teachers[name].init_from:
+            needed.add(protocol.teachers[name].init_from)
     result = []
     for name in (t for t in protocol.teachers if t in needed):  # teachers: first seed only
         teacher = protocol.teachers[name]
-        run_dir = out / "runs" / "teachers" / name
+        run_dir = teacher_file(out, name).parent
+        if teacher.checkpoint:
+            if not teachers_dir:
+                raise ConfigError(f"teacher {name} imports {teacher.checkpoint}: pass --teachers-dir "
+                                  "(or set TFKD_TEACHERS_DIR)")
+            result.append(Job("import", name, teacher_seed, run_dir, [
+                str(Path(teachers_dir) / teacher.checkpoint), "--out", str(run_dir / "teacher.keras"),
+                *data_flags]))
+            continue
+        model = ["--teacher-model", teacher.model] if teacher.model else []
+        start = ["--set", f"teacher.init_from={teacher_file(out, teacher.init_from)}"] if teacher.init_from else []
+        own_epochs = ["--epochs", str(teacher.epochs)] if teacher.epochs and not epochs else []
         result.append(Job("teacher", name, teacher_seed, run_dir, [
-            "--stage", "teacher", "--method", "cft", "--teacher-model", teacher.model,
-            "--seed", str(teacher_seed), "--run-dir", str(run_dir), *common,
+            "--stage", "teacher", "--method", "cft", *model, "--seed", str(teacher_seed),
+            "--run-dir", str(run_dir), *common, *own_epochs, *start,
             *_set_flags(protocol.set, "teacher"), *_set_flags(teacher.set), *extra["teacher"]]))
     for run in selected:
-        for seed in list(seeds or run.seeds or protocol.seeds):
-            run_dir = out / "runs" / run.name / f"seed{seed}"
-            teacher_flags = [item for t in run.teachers
-                             for item in ("--teacher", str(out / "runs" / "teachers" / t / "teacher.keras"))]
-            result.append(Job("student", run.name, seed, run_dir, [
-                "--stage", "distill", "--method", run.method, "--student-model", protocol.student,
-                *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common, *tuning,
-                *_set_flags(protocol.set, "student"), *_set_flags(run.set), *extra["student"]]))
+        for student in run.students or protocol.students:
+            entry = protocol.entry(run.name, student)
+            for seed in list(seeds or run.seeds or protocol.seeds):
+                run_dir = out / "runs" / entry / f"seed{seed}"
+                teacher_flags = [item for t in run.teachers for item in ("--teacher", str(teacher_file(out, t)))]
+                result.append(Job("student", entry, seed, run_dir, [
+                    "--stage", "distill", "--method", run.method, "--student-model", student,
+                    *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common, *tuning,
+                    *_set_flags(protocol.set, "student"), *_set_flags(run.set), *extra["student"]],
+                    run=run.name, student=student))
     return result
 
 
 def _launch(job: Job) -> None:
-    command = [sys.executable, "-m", "tfkd.train", *job.args]
+    command = [sys.executable, "-m", job.module, *job.args]
     print(f"tfkd.bench: {job.kind} {job.name} seed {job.seed}: {' '.join(command[1:])}", flush=True)
     status = subprocess.run(command).returncode
     if status != 0:
@@ -361,45 +448,141 @@ def _finished(job: Job) -> bool:
         return False
 
 
+#: Resamples of the two-level bootstrap behind every interval in a report.
+RESAMPLES = 2000
+
+
+def _predictions(run_dir: Path) -> np.ndarray | None:
+    """A finished run's per-image test correctness (``test_predictions.npz``), or None."""
+    path = run_dir / "test_predictions.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        return saved["predictions"] == saved["labels"]
+
+
+def bootstrap(correct: dict[str, dict[int, np.ndarray]], resamples: int = RESAMPLES,
+              seed: int = 0) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Two-level bootstrap of test accuracy, paired across runs: each resample draws seeds with
+    replacement from the seeds every run has, and for each drawn seed the test images with
+    replacement; every run is scored on the same draw. Returns the seeds used and, per run, the
+    ``resamples`` bootstrap accuracies (means over the drawn seeds)."""
+    seeds = sorted(set.intersection(*(set(v) for v in correct.values()))) if correct else []
+    if not seeds:
+        return [], {}
+    rng = np.random.default_rng(seed)
+    per_seed = {name: np.empty((len(seeds), resamples)) for name in correct}
+    for i, s in enumerate(seeds):
+        sizes = {len(correct[name][s]) for name in correct}
+        if len(sizes) != 1:
+            raise ValueError(f"seed {s}: runs were tested on different numbers of images {sorted(sizes)}")
+        n = sizes.pop()
+        for start in range(0, resamples, 250):
+            rows = min(250, resamples - start)
+            draw = rng.integers(0, n, (rows, n))
+            for name in correct:
+                per_seed[name][i, start:start + rows] = correct[name][s][draw].mean(axis=1)
+    picks = rng.integers(0, len(seeds), (resamples, len(seeds)))
+    columns = np.arange(resamples)[:, None]
+    return seeds, {name: values[picks, columns].mean(axis=1) for name, values in per_seed.items()}
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def _comparisons(protocol: Protocol, runs: dict[str, Any], correct: dict[str, dict[int, np.ndarray]]) -> dict[str, Any]:
+    """Paired differences of every run to ``kd`` and ``cft`` (same student model, same seeds)
+    with 95% bootstrap intervals, and per student model cft's gain over the student alone
+    divided by kd's, with its interval."""
+    ratios: dict[str, Any] = {}
+    for student in protocol.students:
+        names = {r: protocol.entry(r, student) for r in (BASELINE, *REFERENCES)}
+        for name, entry in runs.items():
+            if entry["student"] != student:
+                continue
+            entry["vs"] = {}
+            for ref in REFERENCES:
+                other = names[ref]
+                if other == name or name not in correct or other not in correct:
+                    continue
+                seeds, boot = bootstrap({name: correct[name], other: correct[other]})
+                if not seeds:
+                    continue
+                point = np.mean([correct[name][s].mean() - correct[other][s].mean() for s in seeds])
+                entry["vs"][ref] = {"diff": float(point), "ci": _interval(boot[name] - boot[other]),
+                                    "seeds": seeds}
+        trio = [names[BASELINE], names["kd"], names["cft"]]
+        if all(n in correct for n in trio):
+            seeds, boot = bootstrap({n: correct[n] for n in trio})
+            if seeds:
+                base, kd, cft = (np.mean([correct[n][s].mean() for s in seeds]) for n in trio)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    draws = (boot[trio[2]] - boot[trio[0]]) / (boot[trio[1]] - boot[trio[0]])
+                finite = draws[np.isfinite(draws)]
+                ratios[student] = {"value": float((cft - base) / (kd - base)) if kd != base else None,
+                                   "ci": _interval(finite) if len(finite) else None, "seeds": seeds}
+    return ratios
+
+
 def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> dict[str, Any]:
-    """Collects the finished runs into results.json, results.md and results.png in ``out``."""
+    """Collects the finished runs into results.json, results.md and results.png in ``out``.
+
+    Every row gets mean ± std over its seeds and its gain over the student alone; where the
+    runs saved their per-image test predictions, also its paired difference to ``kd`` and to
+    ``cft`` with a 95% interval (``bootstrap``), and cft's gain over kd's with its interval.
+    """
     from tfkd import io
 
     teachers, runs = {}, {}
+    correct: dict[str, dict[int, np.ndarray]] = {}
     finished = {id(job): _finished(job) for job in job_list}
     for job in job_list:
         result = (_result(job.run_dir, job.kind) if finished[id(job)] else None) or {}
-        if job.kind == "teacher":
+        if job.kind in ("teacher", "import"):
             teachers[job.name] = {key: result.get(key) for key in (
-                "model", "lambda_cls", "lambda_rec", "val_accuracy", "test_accuracy", "test_psnr",
-                "params", "train_images_per_second", "wall_seconds")}
+                "model", "lambda_cls", "lambda_rec", "init_from", "init_test_accuracy", "val_accuracy",
+                "test_accuracy", "test_psnr", "params", "train_images_per_second", "wall_seconds")}
+            teachers[job.name]["kind"] = "imported" if job.kind == "import" else (
+                "fine-tuned" if protocol.teachers[job.name].init_from else "trained")
+            if job.kind == "teacher" and protocol.teachers[job.name].init_from:
+                teachers[job.name]["init_from"] = protocol.teachers[job.name].init_from
             continue
+        run = protocol.runs[job.run]
         entry = runs.setdefault(job.name, {
-            "method": protocol.runs[job.name].method, "teachers": protocol.runs[job.name].teachers,
-            "set": protocol.runs[job.name].set, "ablation": protocol.runs[job.name].ablation,
-            "description": protocol.runs[job.name].description, "seeds": {}})
+            "run": run.name, "student": job.student, "method": run.method, "teachers": run.teachers,
+            "set": run.set, "ablation": run.ablation, "description": run.description, "seeds": {}})
         entry["seeds"][str(job.seed)] = {"finished": finished[id(job)], **{key: result.get(key) for key in (
             "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds")}}
+        flags = _predictions(job.run_dir) if finished[id(job)] else None
+        if flags is not None:
+            correct.setdefault(job.name, {})[job.seed] = flags
     for entry in runs.values():
         for split in ("val", "test"):
             entry[split] = _summary([s[f"{split}_accuracy"] for s in entry["seeds"].values()])
-    base = runs.get(BASELINE, {})
     for entry in runs.values():
+        base = runs.get(protocol.entry(BASELINE, entry["student"]), {})
         for split in ("val", "test"):
             mean, ref = entry[split]["mean"], base.get(split, {}).get("mean")
             entry[split]["gain_over_student"] = None if mean is None or ref is None else mean - ref
-    kd_gain = runs.get("kd", {}).get("test", {}).get("gain_over_student")
-    cft_gain = runs.get("cft", {}).get("test", {}).get("gain_over_student")
+    ratios = _comparisons(protocol, runs, correct)
+    first = protocol.students[0]
+    kd_gain = runs.get(protocol.entry("kd", first), {}).get("test", {}).get("gain_over_student")
+    cft_gain = runs.get(protocol.entry("cft", first), {}).get("test", {}).get("gain_over_student")
     results = {
         "protocol": protocol.name, "protocol_file": str(protocol.path),
         "description": protocol.description, "dataset": protocol.dataset,
-        "student": protocol.student,
+        "student": protocol.student, "students": protocol.students,
         "epochs": _first_epochs(job_list, protocol), "batch_size": protocol.batch_size,
         "seeds": sorted({job.seed for job in job_list if job.kind == "student"}),
         **provenance(command),
         "complete": all(finished.values()),
         "teachers": teachers, "runs": runs,
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
+        "gain_ratio_intervals": ratios,
+        "interval_method": f"95% percentile interval of a two-level paired bootstrap ({RESAMPLES} "
+                           "resamples): seeds drawn with replacement, then each seed's test images; "
+                           "both runs scored on the same draw",
     }
     io.write_json(out / "results.json", results)
     io.write_text(out / "results.md", markdown(results))
@@ -428,39 +611,69 @@ def _seeds_cell(seeds: dict[str, dict[str, Any]]) -> str:
     return (", ".join(done) or "—") + (f" (not finished: {', '.join(todo)})" if done and todo else "")
 
 
+def _vs_cell(comparison: dict[str, Any] | None) -> str:
+    if not comparison:
+        return "—"
+    lo, hi = comparison["ci"]
+    return f"{comparison['diff'] * 100:+.2f} [{lo * 100:+.2f}, {hi * 100:+.2f}]"
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """The results as Markdown: teachers, then one row per student run."""
+    """The results as Markdown: teachers, then one row per student run (with paired
+    differences to kd and cft and their intervals where the runs saved predictions)."""
     machine = results["machine"]
-    lines = [f"# {results['protocol']}: {results['dataset']}, student {results['student']}, "
-             f"{results['epochs']} epochs, batch {results['batch_size']}, "
+    students = results.get("students") or [results["student"]]
+    lines = [f"# {results['protocol']}: {results['dataset']}, student{'s' if len(students) > 1 else ''} "
+             f"{', '.join(students)}, {results['epochs']} epochs, batch {results['batch_size']}, "
              f"seeds {', '.join(map(str, results['seeds']))}", ""]
     if not results["complete"]:
         lines += ["**Incomplete**: some runs have not finished; missing figures show as —.", ""]
-    lines += ["| teacher | model | lambda_cls | lambda_rec | val top-1 % | test top-1 % | test PSNR dB |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    started = any(t.get("init_from") or t.get("kind") == "imported" for t in results["teachers"].values())
+    lines += ["| teacher | model | lambda_cls | lambda_rec | val top-1 % | test top-1 % | test PSNR dB |"
+              + (" made | test top-1 % before |" if started else ""),
+              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if started else "")]
     for name, t in results["teachers"].items():
         psnr = "—" if t.get("test_psnr") is None or not t.get("lambda_rec") else f"{t['test_psnr']:.2f}"
         weights = ["—" if t.get(k) is None else t[k] for k in ("lambda_cls", "lambda_rec")]
+        made = (t.get("kind") or "trained") + (f" from {t['init_from']}" if t.get("init_from") else "")
         lines.append(f"| {name} | {t.get('model') or '—'} | {weights[0]} | "
                      f"{weights[1]} | {_pct(t.get('val_accuracy'))} | "
-                     f"{_pct(t.get('test_accuracy'))} | {psnr} |")
+                     f"{_pct(t.get('test_accuracy'))} | {psnr} |"
+                     + (f" {made} | {_pct(t.get('init_test_accuracy'))} |" if started else ""))
+    paired = any(r.get("vs") for r in results["runs"].values())
     lines += ["", "| run | method | teachers | overrides | seeds | val top-1 % | test top-1 % | "
-                  "test gain over student (pt) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "test gain over student (pt) |" + (" vs kd (pt, 95% CI) | vs cft (pt, 95% CI) |" if paired else ""),
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if paired else "")]
     for name, r in results["runs"].items():
         overrides = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "—"
         test = r["test"]
+        vs = r.get("vs") or {}
         lines.append(f"| {name}{' (ablation)' if r['ablation'] else ''} | {r['method']} | "
                      f"{', '.join(r['teachers']) or '—'} | {overrides} | {_seeds_cell(r['seeds'])} | "
                      f"{_pct(r['val']['mean'], r['val']['std'], r['val']['n'])} | "
                      f"{_pct(test['mean'], test['std'], test['n'])} | "
-                     f"{_pct(test['gain_over_student'], signed=True)} |")
+                     f"{_pct(test['gain_over_student'], signed=True)} |"
+                     + (f" {_vs_cell(vs.get('kd'))} | {_vs_cell(vs.get('cft'))} |" if paired else ""))
     ratio = results.get("cft_gain_over_kd_gain")
     if any(r["test"]["n"] > 1 for r in results["runs"].values()):
         lines += ["", "With several seeds: mean ± sample standard deviation over them; a gain is "
                       "the difference of the means."]
-    lines += ["", f"cft's gain over the student alone / kd's gain: "
-                  f"{'—' if ratio is None else f'{ratio:.2f}x'}", "",
-              f"Command: `{results['command']}`  ",
+    if paired:
+        lines += ["", f"vs kd / vs cft: the paired difference of test top-1 (this run minus that one, "
+                      f"same seeds), with its {results.get('interval_method', '95% interval')}. An "
+                      "interval that holds 0 is no measurable difference."]
+    intervals = results.get("gain_ratio_intervals") or {}
+    if intervals:
+        for student, r in intervals.items():
+            ci = "—" if not r.get("ci") else f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+            value = "—" if r.get("value") is None else f"{r['value']:.2f}x"
+            lines += ["", f"{student}: cft's gain over the student alone / kd's gain: {value}, 95% CI {ci} "
+                          f"(seeds {', '.join(map(str, r['seeds']))})"]
+        lines.append("")
+    else:
+        lines += ["", f"cft's gain over the student alone / kd's gain: "
+                      f"{'—' if ratio is None else f'{ratio:.2f}x'}", ""]
+    lines += [f"Command: `{results['command']}`  ",
               f"Commit: `{results['git_commit']}`, date {results['date']}  ",
               f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
               f"Python {machine['python']}", ""]
@@ -478,7 +691,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     stds = [(results["runs"][n]["test"]["std"] or 0.0) * 100 for n in names]
     fig = Figure(figsize=(max(6.0, 1.0 * len(names) + 2), 4.5))
     ax = fig.subplots()
-    colors = ["#999999" if n == BASELINE else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
+    alone = {n for n in names if results["runs"][n].get("run", n) == BASELINE}
+    colors = ["#999999" if n in alone else ("#8fb3d9" if results["runs"][n]["ablation"] else "#2b6cb0")
               for n in names]
     bars = ax.bar(names, means, color=colors)
     spread = [i for i, n in enumerate(names) if results["runs"][n]["test"]["n"] > 1]
@@ -488,14 +702,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for bar, name, std in zip(bars, names, stds):
         gain = results["runs"][name]["test"]["gain_over_student"]
         label = "—" if results["runs"][name]["test"]["mean"] is None else (
-            "alone" if name == BASELINE else "no student yet" if gain is None else f"{gain * 100:+.2f}")
+            "alone" if name in alone else "no student yet" if gain is None else f"{gain * 100:+.2f}")
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + std),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     present = [m for m in means if m > 0]
     if present:
         ax.set_ylim(max(0.0, min(present) - 5), min(100.0, max(present) + 3))
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{results['protocol']}: {results['student']} student, {results['epochs']} epochs "
+    ax.set_title(f"{results['protocol']}: {', '.join(results.get('students') or [results['student']])} "
+                 f"student, {results['epochs']} epochs "
                  "(label: gain over the student alone, pt; error bars: std over seeds)", fontsize=9)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()

@@ -118,16 +118,43 @@ class ReconstructionTeacher(keras.Model):
                                            outputs["reconstruction"] * std + mean))
         return {m.name: m.result() for m in self.metrics}
 
+    def compile(self, optimizer: Any = "sgd", backbone_optimizer: Any = None, **kwargs: Any) -> None:
+        """``optimizer`` trains everything, or with ``backbone_optimizer`` (a fine-tuned
+        pretrained backbone at its own rate) everything but the backbone."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.backbone_optimizer = keras.optimizers.get(backbone_optimizer) if backbone_optimizer else None
+
+    def _variable_groups(self) -> list[tuple[Any, list[tf.Variable]]]:
+        if getattr(self, "backbone_optimizer", None) is None:
+            return [(self.optimizer, list(self.trainable_variables))]
+        mine = {id(v) for v in self.backbone.trainable_variables}
+        return [(self.optimizer, [v for v in self.trainable_variables if id(v) not in mine]),
+                (self.backbone_optimizer, list(self.backbone.trainable_variables))]
+
+    def get_compile_config(self) -> None:
+        """No compile state is saved: a loaded teacher is used frozen, or compiled again."""
+        return None
+
+    def build_optimizers(self) -> None:
+        """Creates the optimizers' slots (inside the strategy scope, before ``fit``: a backup
+        can only be restored into built optimizers)."""
+        for optimizer, variables in self._variable_groups():
+            optimizer.build(variables)
+
     def train_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             outputs = self(images, training=True)
             terms = self.compute_losses(images, labels, outputs)
             scaled = losses.scale_for_replicas(terms["loss"])
-        variables = self.trainable_variables
-        gradients = tape.gradient(scaled, variables)
-        self.optimizer.apply_gradients(
-            (g, v) for g, v in zip(gradients, variables) if g is not None)
+        groups = self._variable_groups()
+        gradients = tape.gradient(scaled, [v for _, variables in groups for v in variables])
+        start = 0
+        for optimizer, variables in groups:
+            pairs = [(g, v) for g, v in zip(gradients[start:start + len(variables)], variables) if g is not None]
+            start += len(variables)
+            if pairs:
+                optimizer.apply_gradients(pairs)
         return self._update_metrics(images, labels, outputs, terms)
 
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
