@@ -34,7 +34,7 @@ def test_yaml_round_trip(tmp_path):
     ("", ["data.dataset=mnist"], "option 'data.dataset'"),
     ("", ["data.validation_fraction=1.5"], "option 'data.validation_fraction'"),
     ("", ["teacher.lambda_cls=0", "teacher.lambda_rec=0"], "not both 0"),
-    ("", ["distill.discriminator.width=0"], "option 'distill.discriminator.width' = 0.0"),
+    ("", ["distill.discriminator.width=0"], "option 'distill.cft.discriminator.width' = 0.0"),
     ("- a\n- b\n", [], "expected a mapping"),
     ("teacher: [unclosed\n", [], "not valid YAML"),
     ("", ["noequals"], "expected KEY=VALUE"),

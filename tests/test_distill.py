@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfkd import losses, models
-from tfkd.distill import ConvBlock, Distiller, build_discriminator, loss_weights, resolve_stages
+from tfkd import config, losses, models
+from tfkd.distill import ConvBlock, build_discriminator, from_config, resolve, resolve_stages
+from tfkd.distill.methods import RunInfo
 from tfkd.errors import ModelError
 
 
@@ -61,18 +62,24 @@ def test_attention_transfer_matches_numpy():
                                rtol=1e-5)
 
 
+def weights(method, *settings):
+    """{term: weight} of ``method`` with ``distill.*`` settings (the old flat spellings map on)."""
+    cfg = config.load(dotlist=[f"distill.method={method}", *settings])
+    return {t.name: t.weight for t in resolve(method).terms(cfg.distill, RunInfo())}
+
+
 def test_method_table():
-    assert loss_weights("student").active() == ["ce"]
-    kd = loss_weights("kd")
-    assert (kd.ce, kd.kd) == pytest.approx((0.1, 0.9))
-    cft = loss_weights("cft")
-    assert (cft.ce, cft.feat, cft.adv, cft.kd) == (1.0, 1.0, 0.1, 0.9)  # METHOD.md's, gamma tuned
-    assert loss_weights("cft", gamma=0).active() == ["ce", "feat", "adv"]
-    on_kd = loss_weights("cft", ce_weight=0.1)
-    assert (on_kd.ce, on_kd.kd) == pytest.approx((kd.ce, kd.kd))
-    assert loss_weights("cft", ce_weight=0).active() == ["kd", "feat", "adv"]
-    assert loss_weights("kd", ce_weight=0.5).ce == pytest.approx(0.1)  # kd keeps its own weighting
-    assert loss_weights("at").at == 1000.0 and loss_weights("fitnet").active() == ["ce", "hint"]
+    assert list(weights("student")) == ["ce"]
+    kd = weights("kd")
+    assert (kd["ce"], kd["kd"]) == pytest.approx((0.1, 0.9))
+    cft = weights("cft")
+    assert (cft["ce"], cft["feat"], cft["adv"], cft["kd"]) == (1.0, 1.0, 0.1, 0.9)  # METHOD.md's, gamma tuned
+    assert list(weights("cft", "distill.gamma=0")) == ["ce", "feat", "adv"]
+    on_kd = weights("cft", "distill.ce_weight=0.1")
+    assert (on_kd["ce"], on_kd["kd"]) == pytest.approx((kd["ce"], kd["kd"]))
+    assert list(weights("cft", "distill.ce_weight=0")) == ["kd", "feat", "adv"]
+    assert weights("kd", "distill.cft.ce_weight=0.5")["ce"] == pytest.approx(0.1)  # kd keeps its own weighting
+    assert weights("at")["at"] == 1000.0 and list(weights("fitnet")) == ["ce", "hint"]
 
 
 # ------------------------------------------------------------------ building blocks
@@ -120,19 +127,29 @@ def test_discriminator_width_scales_its_hidden_channels(width, filters, params):
 
 
 def make_distiller(method="cft", teacher_name="resnet14", student_name="resnet8", sync_bn=False,
-                   seed=0, gan_loss="lsgan", stages="last", adapter_relu=False, warmup_steps=0):
+                   seed=0, gan_loss="lsgan", stages="last", adapter_relu=False, warmup_steps=0, settings=()):
+    """A built, compiled Distiller of ``method`` (``warmup_steps``: the adversarial warm-up, at one
+    step per epoch); mktn's first teacher is the reconstruction one."""
     keras.utils.set_random_seed(seed)
-    teacher = models.get(teacher_name, 10, sync_bn=sync_bn)
-    teacher2 = models.get(teacher_name, 10, sync_bn=sync_bn) if method == "mktn" else None
+    namespace = method if method in ("cft", "mktn") else "cft"
+    cfg = config.load(dotlist=[f"distill.method={method}", f"distill.{namespace}.gan_loss={gan_loss}",
+                               f"distill.{namespace}.stages={stages}",
+                               f"distill.{namespace}.adapter_relu={str(adapter_relu).lower()}",
+                               f"distill.{namespace}.adv_warmup_epochs={warmup_steps}",
+                               f"distill.fitnet.adapter_relu={str(adapter_relu).lower()}", *settings])
+    count = len(resolve(method).teachers)
+    teachers = [models.get(teacher_name, 10, sync_bn=sync_bn) for _ in range(count)]
     student = models.get(student_name, 10, sync_bn=sync_bn)
-    distiller = Distiller(student, None if method == "student" else (teacher2 or teacher),
-                          teacher if method == "mktn" else None, loss_weights(method),
-                          stages=stages, gan_loss=gan_loss, sync_bn=sync_bn, adapter_relu=adapter_relu,
-                          adversarial_warmup_steps=warmup_steps)
+    distiller = from_config(cfg.distill, student, teachers, steps_per_epoch=1,
+                            train_labels=np.arange(64) % 10, sync_bn=sync_bn)
     distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True),
                       discriminator_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
     distiller.build_all()
     return distiller
+
+
+def adversarial(distiller):
+    return next(t for t in distiller.terms if t.name == "adv")
 
 
 def batch(n=16, seed=0):
@@ -151,11 +168,11 @@ def changed(before, variables):
 def test_discriminator_step_changes_only_discriminator_weights():
     distiller = make_distiller()
     x, _ = batch()
-    others = distiller.student.weights + distiller.teacher.weights + [w for a in distiller.adapters for w in a.weights]
+    others = distiller.student.weights + distiller.teacher().weights + [w for a in distiller.adapters for w in a.weights]
     before_others, before_d = snapshot(others), snapshot(distiller.discriminator_variables)
-    real = [distiller.teacher(x)["features"][-1]]
-    fake = [distiller.feature_adapters[0](distiller.student(x)["features"][-1])]
-    logs = distiller.discriminator_step(real, fake)
+    real = [distiller.teacher()(x)["features"][-1]]
+    fake = [distiller.adapters[0](distiller.student(x)["features"][-1])]
+    logs = adversarial(distiller).discriminate(real, fake)
     assert set(logs) == {"d_loss", "d_real_acc", "d_fake_acc"}
     assert all(changed(before_d, distiller.discriminator_variables))
     assert not any(changed(before_others, others))
@@ -163,11 +180,11 @@ def test_discriminator_step_changes_only_discriminator_weights():
 
 def test_adversarial_warmup_leaves_the_adversarial_term_out_until_the_step_count():
     distiller = make_distiller("cft", warmup_steps=3)
-    w = distiller.loss_weights
+    w = distiller.weights_by_term
     terms = {"ce": tf.constant(1.5), "kd": tf.constant(2.0), "feat": tf.constant(0.7), "adv": tf.constant(0.9)}
-    without_adv = 1.5 * w.ce + 2.0 * w.kd + 0.7 * w.feat
-    for step, expected in ((0, without_adv), (2, without_adv), (3, without_adv + 0.9 * w.adv),
-                           (10, without_adv + 0.9 * w.adv)):
+    without_adv = 1.5 * w["ce"] + 2.0 * w["kd"] + 0.7 * w["feat"]
+    for step, expected in ((0, without_adv), (2, without_adv), (3, without_adv + 0.9 * w["adv"]),
+                           (10, without_adv + 0.9 * w["adv"])):
         distiller.optimizer.iterations.assign(step)
         assert float(distiller.weighted_total(terms)) == pytest.approx(expected, rel=1e-6), step
     (x,), y = rng_arrays((8, 32, 32, 3), seed=1), np.arange(8) % 10
@@ -183,12 +200,12 @@ def test_student_step_trains_student_and_adapters_only_and_teacher_never_changes
         id(v) for a in distiller.adapters for v in a.trainable_variables}
     assert student_vars == expected
     assert not student_vars & {id(v) for v in distiller.discriminator_variables}
-    assert not student_vars & {id(v) for v in distiller.teacher.weights}
-    teacher_before = snapshot(distiller.teacher.weights)  # moving BN statistics included
+    assert not student_vars & {id(v) for v in distiller.teacher().weights}
+    teacher_before = snapshot(distiller.teacher().weights)  # moving BN statistics included
     student_before = snapshot(distiller.student_variables)
     x, y = batch(32)
     distiller.fit(x, y, batch_size=16, epochs=2, verbose=0)
-    assert not any(changed(teacher_before, distiller.teacher.weights))
+    assert not any(changed(teacher_before, distiller.teacher().weights))
     assert all(changed(student_before, distiller.student_variables))
 
 
@@ -200,7 +217,7 @@ def test_discriminator_learns_to_separate_real_from_fake_on_a_toy_problem():
     centre = ((np.abs(yy - 3.5) < 2) & (np.abs(xx - 3.5) < 2)).astype(np.float32)[None, :, :, None]
     noise = lambda: rng.normal(0, 0.3, (32, 8, 8, 64)).astype(np.float32)  # noqa: E731
     for _ in range(60):
-        logs = distiller.discriminator_step([noise() + centre], [noise() + (1 - centre)])
+        logs = adversarial(distiller).discriminate([noise() + centre], [noise() + (1 - centre)])
     assert float(logs["d_real_acc"]) > 0.9 and float(logs["d_fake_acc"]) > 0.9
     assert float(logs["d_loss"]) < 0.2
 
@@ -221,7 +238,10 @@ def test_every_method_trains_through_the_same_step(method):
     history = distiller.fit(x, y, batch_size=16, epochs=2, verbose=0).history
     assert np.isfinite(history["loss"]).all()
     if method == "mktn":  # the adversarial teacher is Teacher1, the feature teacher Teacher2
-        assert distiller.adversarial_teacher is not distiller.teacher and not distiller.shares_adapters
+        feat = next(t for t in distiller.terms if t.name == "feat")
+        adv = adversarial(distiller)
+        assert (adv.teacher, feat.teacher) == ("autoencoder", "classifier") and adv.adapted is not feat.adapted
+        assert distiller.teacher("autoencoder") is not distiller.teacher("classifier")
         assert len(distiller.adapters) == 2
 
 
@@ -235,7 +255,8 @@ def test_stage_alignment():
     with pytest.raises(ModelError, match="expected last, all"):
         resolve_stages("deep", student, teacher)
     with pytest.raises(ModelError, match="attention transfer needs equal spatial sizes"):
-        Distiller(student, teacher, weights=loss_weights("at"))
+        at = config.load(dotlist=["distill.method=at"]).distill
+        from_config(at, student, [teacher])
 
 
 def test_resume_restores_both_optimizers_state(tmp_path):

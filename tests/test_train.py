@@ -201,7 +201,7 @@ def odd_models(tmp_path_factory):
     ("plain.keras", [], 4, "not a tfkd teacher"),
     ("garbage.keras", [], 4, "not a loadable Keras model"),
     ("missing.keras", [], 4, "missing.keras: teacher file not found"),
-    (None, ["--set", "distill.stages=5"], 4, "distill.stages = '5': stages run from 1 to 3"),
+    (None, ["--set", "distill.stages=5"], 4, "distill.cft.stages = '5': stages run from 1 to 3"),
     (None, ["--method", "mktn"], 2, "expected 2 teacher file(s) for method mktn"),
 ])
 def test_bad_teachers_fail_fast(tmp_path, capsys, digits_run, odd_models, teacher, extra, code, match):
@@ -299,18 +299,22 @@ def test_every_distill_option_reaches_the_distiller():
     from tfkd import config as config_lib
     from tfkd import models
 
-    cfg = config_lib.load(None, dotlist=[
+    cfg = config_lib.load(None, dotlist=[  # the old flat spellings, mapped onto distill.mktn.*
         "distill.method=mktn", "distill.alpha=2", "distill.beta=0.5", "distill.gamma=0.3",
         "distill.ce_weight=0.2", "distill.temperature=3", "distill.gan_loss=bce", "distill.stages=all",
-        "distill.adapter_relu=true", "distill.adv_warmup_epochs=2", "distill.discriminator.width=0.5"])
+        "distill.adapter_relu=true", "distill.adv_warmup_epochs=2", "distill.discriminator.width=0.5",
+        "distill.discriminator.learning_rate=3e-5", "distill.discriminator.beta_1=0.7"])
     keras.utils.set_random_seed(0)
     reconstruction, classifier = models.get("resnet14", 10), models.get("resnet14", 10)
     distiller = pipeline.build_distiller(cfg, models.get("resnet8", 10), [reconstruction, classifier], 7)
-    weights = distiller.loss_weights
-    assert (weights.ce, weights.kd, weights.feat, weights.adv) == (0.2, 0.3, 2.0, 0.5)
-    assert distiller.teacher is classifier and distiller.adversarial_teacher is reconstruction
-    assert distiller.temperature == 3.0 and distiller.gan_loss == "bce"
-    assert distiller.adversarial_warmup_steps == 14  # 2 epochs of 7 steps
-    assert len(distiller.discriminators) == 3 and all(a.relu for a in distiller.adapters)
-    first_convs = [d.get_layer("conv1").filters for d in distiller.discriminators]
+    weights = distiller.weights_by_term
+    assert (weights["ce"], weights["kd"], weights["feat"], weights["adv"]) == (0.2, 0.3, 2.0, 0.5)
+    assert distiller.teacher("classifier") is classifier and distiller.teacher("autoencoder") is reconstruction
+    terms = {t.name: t for t in distiller.terms}
+    assert terms["kd"].temperature == 3.0 and terms["adv"].gan_loss == "bce"
+    assert terms["adv"].warmup_steps == 14  # 2 epochs of 7 steps
+    assert (terms["adv"].learning_rate, terms["adv"].beta_1) == (3e-5, 0.7)
+    discriminators = terms["adv"].discriminators
+    assert len(discriminators) == 3 and all(a.relu for a in distiller.adapters)
+    first_convs = [d.get_layer("conv1").filters for d in discriminators]
     assert first_convs == [4, 8, 16]  # 16, 32, 64 teacher channels: C/2 times width 0.5

@@ -68,24 +68,29 @@ def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
     tear-down are left out (on this machine ``fit`` sometimes spends ~2 s after
     ``on_train_end``). The models take turns, one timing each per round, so a slow spell of a
     shared machine falls on every model rather than on whichever was being timed; each keeps the
-    best of its ``repeats`` timings, the one least disturbed by other work.
+    best of its ``repeats`` timings, the one least disturbed by other work. A model that trains
+    with the examples' indices (``needs_index``: a memory bank) gets ``{"images", "index"}``.
     """
     import keras
+    import numpy as np
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensors(batch).repeat()
-    for model in models.values():
-        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
+    size = int(batch[1].shape[0])
+    indexed = ({"images": batch[0], "index": np.arange(size, dtype=np.int32)}, batch[1])
+    data = {name: tf.data.Dataset.from_tensors(indexed if getattr(m, "needs_index", False) else batch).repeat()
+            for name, m in models.items()}
+    for name, model in models.items():
+        model.fit(data[name], steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
     best = {name: float("inf") for name in models}
     for _ in range(max(repeats, 1)):
         for name, model in models.items():
             ends: list[float] = []
             clock = keras.callbacks.LambdaCallback(
                 on_train_batch_end=lambda *_, **__: ends.append(time.perf_counter()))
-            model.fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
+            model.fit(data[name], steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
                       callbacks=[clock])
             best[name] = min(best[name], ends[-1] - ends[0])  # ``steps`` steps between the ends
-    return {name: steps * int(batch[1].shape[0]) / seconds for name, seconds in best.items()}
+    return {name: steps * size / seconds for name, seconds in best.items()}
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,17 +98,17 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     import keras
     import numpy as np
 
+    from tfkd import config as config_lib
     from tfkd import models
-    from tfkd.config import DiscriminatorConfig
-    from tfkd.distill import Distiller, loss_weights
-    from tfkd.pipeline import discriminator_optimizer
+    from tfkd.distill import methods
+    from tfkd.pipeline import build_distiller
 
     rng = np.random.default_rng(0)
     batch = (rng.normal(size=(args.batch_size, 32, 32, 3)).astype(np.float32),
              rng.integers(0, 10, args.batch_size).astype(np.int32))
+    train_labels = rng.integers(0, 10, 50 * args.batch_size).astype(np.int32)  # a memory bank's size
     keras.utils.set_random_seed(0)
-    teacher = models.get(args.teacher_model, 10)
-    teacher2 = models.get(args.teacher_model, 10)
+    teacher_models = [models.get(args.teacher_model, 10) for _ in range(2)]
 
     def sgd() -> Any:
         return keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -113,19 +118,18 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 
     student_model = models.get(args.student_model, 10)
     reference = keras.distillation.Distiller(
-        teacher=logits_only(teacher), student=logits_only(student_model),
+        teacher=logits_only(teacher_models[0]), student=logits_only(student_model),
         distillation_losses=keras.distillation.LogitsDistillation(
             temperature=4.0, loss=keras.losses.KLDivergence()),
         student_loss_weight=0.1)
     reference.compile(optimizer=sgd(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     steps_to_time: dict[str, Any] = {"keras_distiller_kd": reference}
-    disc = DiscriminatorConfig()  # the training defaults, so the timed step is the one users run
-    for method in args.methods:
-        mktn = method == "mktn"
-        distiller = Distiller(models.get(args.student_model, 10),
-                              None if method == "student" else teacher,
-                              teacher2 if mktn else None, loss_weights(method))
-        distiller.compile(optimizer=sgd(), discriminator_optimizer=discriminator_optimizer(disc))
+    for method in args.methods:  # the training defaults of each method: the step users run
+        cfg = config_lib.load(dotlist=[f"distill.method={method}"])
+        needed = len(methods.resolve(method).teachers)
+        distiller = build_distiller(cfg, models.get(args.student_model, 10), teacher_models[:needed],
+                                    steps_per_epoch=50, train_labels=train_labels)
+        distiller.compile(optimizer=sgd())
         distiller.build_all()
         steps_to_time[method] = distiller
     rates = _fit_rates(steps_to_time, batch, args.steps, args.repeats)
@@ -311,7 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=cli.positive_int, default=5,
                    help="timings per method, the methods taking turns; the fastest is reported "
                         "(default 5)")
-    p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn"],
+    p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn", "dkd",
+                                                    "dist", "kd+ls", "ofd", "reviewkd", "crd"],
                    help="methods to time")
     p.add_argument("--dataset", help="dataset of the input-pipeline measurement (default: "
                                       "cifar10 with a data folder, else digits)")
@@ -327,13 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
         if args.command == "speed":
-            from tfkd.distill import METHODS
+            from tfkd.distill import methods
+            from tfkd.errors import ConfigError
 
-            unknown = [m for m in args.methods if m not in METHODS]
-            if unknown:
-                from tfkd.errors import ConfigError
-
-                raise ConfigError(f"--methods {unknown[0]}: expected some of {', '.join(METHODS)}")
+            for method in args.methods:
+                try:
+                    methods.resolve(method)
+                except ConfigError:
+                    raise ConfigError(f"--methods {method}: expected some of {', '.join(methods.METHODS)} "
+                                      "or compositions like kd+ls") from None
         if args.command != "accuracy":  # accuracy runs each job as its own tfkd.train process
             cli.import_tensorflow()
         {"accuracy": accuracy, "pipeline": pipeline, "speed": speed}[args.command](args)

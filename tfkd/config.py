@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tfkd.errors import ConfigError
+from tfkd.options import option, section
 
 STAGES = ("teacher", "distill", "export", "all")
 EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
@@ -28,18 +29,6 @@ STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 #: Upper bounds that catch a mistyped count before it becomes a run that never ends.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a help text, shown by ``--help``."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-def section(cls: type, help: str) -> Any:
-    """A nested config section."""
-    return field(default_factory=cls, metadata={"help": help})
 
 
 @dataclass
@@ -109,43 +98,27 @@ class StudentConfig:
     optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
 
 
-@dataclass
-class DiscriminatorConfig:
-    """The feature-map discriminators: their capacity and Adam optimizer (``distill.discriminator.*``)."""
+def _distill_config() -> type:
+    """``distill.*``: the method, its teachers, and one section of options per registered method
+    (``distill.<method>.*``), declared in the method's own module."""
+    from tfkd.distill.methods import REGISTRY
 
-    learning_rate: float = option(2e-5, "discriminator Adam learning rate (2e-4 saturated the "
-                                         "discriminator on CIFAR-10: benchmarks/README.md)")
-    beta_1: float = option(0.5, "discriminator Adam beta_1")
-    width: float = option(1.0, "capacity: multiplies the hidden convolutions' channels (C/2, C/4 "
-                               "of a C-channel map)")
+    fields: list[Any] = [
+        ("method", str, option("cft", "a method (student, kd, fitnet, at, cft, mktn, dkd, dist, ofd, "
+                                      "reviewkd, crd) or a composition like cft+dkd, kd+ls (README, Methods)")),
+        ("teachers", List[str], option([], "trained teacher files (.keras or run folders) in the "
+                                           "method's order (mktn: the reconstruction teacher, then the "
+                                           "classifier). Empty: the teachers of this run directory")),
+    ]
+    for name, method in REGISTRY.items():
+        if method.options is not None:
+            fields.append((name, method.options, section(method.options, f"{name}: {method.summary}")))
+    return dataclasses.make_dataclass("DistillConfig", fields)
 
 
-@dataclass
-class DistillConfig:
-    """Knowledge transfer: the method and its loss weights (``distill.*``)."""
-
-    method: str = option("cft", "student, kd, fitnet, at, cft or mktn (see README, Methods)")
-    teachers: List[str] = option([], "trained teacher files (.keras or run folders); mktn takes "
-                                     "two: the reconstruction teacher, then the classifier. Empty: "
-                                     "the teachers of this run directory")
-    stages: str = option("last", "stages for the feature and adversarial terms: last, all, or "
-                                 "stage numbers from 1 like 2,3")
-    alpha: float = option(1.0, "cft/mktn feature-loss weight")
-    beta: float = option(0.1, "cft/mktn adversarial-loss weight")
-    gamma: float = option(0.9, "cft/mktn KD-on-logits weight (METHOD.md's default is 0; 0.9 won "
-                               "the validation tuning, see benchmarks/README.md)")
-    ce_weight: float = option(1.0, "cft/mktn: cross-entropy weight (0.1 with gamma 0.9: kd's loss "
-                                   "plus the feature and adversarial terms)")
-    temperature: float = option(4.0, "KD temperature tau")
-    kd_alpha: float = option(0.9, "kd: weight a of the KD term; CE gets 1 - a")
-    hint_weight: float = option(100.0, "fitnet: hint-loss weight (RepDistiller's)")
-    at_weight: float = option(1000.0, "at: attention-transfer weight")
-    gan_loss: str = option("lsgan", "adversarial loss: lsgan or bce (non-saturating)")
-    adv_warmup_epochs: int = option(0, "cft/mktn: epochs before the student's adversarial term "
-                                       "switches on (the discriminator trains throughout)")
-    adapter_relu: bool = option(False, "end every ConvBlock adapter with a ReLU (teacher stage "
-                                       "outputs are post-ReLU, so non-negative)")
-    discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "discriminator capacity and optimizer")
+#: Knowledge transfer: the method and every method's options (``distill.*``).
+DistillConfig = _distill_config()
+DistillConfig.__doc__ = "Knowledge transfer: the method and each method's options (``distill.*``)."
 
 
 @dataclass
@@ -219,8 +192,46 @@ def _config_error(error: OmegaConfBaseException, source: str) -> ConfigError:
 RENAMED: dict[str, str] = {"verbose": "progress"}
 
 
-def _renamed_key(key: str) -> str:
-    return RENAMED.get(key.strip(), key.strip())
+def _renamed_key(key: str, method: str) -> str:
+    """The current spelling of ``key``: renamed keys, and the flat ``distill.*`` keys of before
+    method namespaces (``distill.beta`` -> ``distill.<method>.beta``)."""
+    from tfkd.distill.methods import legacy_key
+
+    key = RENAMED.get(key.strip(), key.strip())
+    return legacy_key(key, method) or key
+
+
+def _chosen_method(data: Any, dotlist: list[str], flags: dict[str, Any]) -> str:
+    """The method the layers choose (flags over --set over the YAML file over the default)."""
+    if flags.get("distill.method"):
+        return str(flags["distill.method"])
+    for item in reversed(dotlist):
+        if item.split("=", 1)[0].strip() == "distill.method" and "=" in item:
+            return item.split("=", 1)[1].strip()
+    section_ = data.get("distill") if isinstance(data, dict) else None
+    if isinstance(section_, dict) and section_.get("method"):
+        return str(section_["method"])
+    return "cft"
+
+
+def _move_legacy_distill(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """Moves a YAML config's flat ``distill.*`` keys of before method namespaces to their place."""
+    from tfkd.distill.methods import LEGACY_KEYS, legacy_key
+
+    section_ = data.get("distill")
+    if not isinstance(section_, dict):
+        return data
+    for key in [k for k in section_ if k in LEGACY_KEYS]:
+        _, owner, *rest = legacy_key(f"distill.{key}", method).split(".")
+        target = section_.setdefault(owner, {})
+        for part in rest[:-1]:
+            target = target.setdefault(part, {})
+        value = section_.pop(key)
+        if isinstance(value, dict) and isinstance(target.get(rest[-1]), dict):
+            target[rest[-1]].update(value)
+        else:
+            target.setdefault(rest[-1], value)
+    return data
 
 
 def _move_renamed(data: dict[str, Any]) -> dict[str, Any]:
@@ -277,13 +288,18 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     the dedicated flags in ``overrides`` (dotted key -> value, ``None`` values ignored)."""
     merged = OmegaConf.structured(RunConfig)
     layers: list[tuple[str, Any]] = []
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data: Any = None
     if config_file:
         data = read_yaml_file(config_file, "config file")
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"config file {config_file}: expected a mapping of options, "
                               f"got {type(data).__name__}")
+    method = _chosen_method(data, list(dotlist or []), flags)
+    if config_file:
         try:
-            layers.append((f"config file {config_file}", OmegaConf.create(_move_renamed(data or {}))))
+            data = _move_legacy_distill(_move_renamed(data or {}), method)
+            layers.append((f"config file {config_file}", OmegaConf.create(data)))
         except OmegaConfBaseException as error:
             raise _config_error(error, f"config file {config_file}") from None
     for item in dotlist or []:
@@ -291,10 +307,9 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         try:
-            layers.append((f"--set {item}", OmegaConf.from_dotlist([f"{_renamed_key(key)}={value}"])))
+            layers.append((f"--set {item}", OmegaConf.from_dotlist([f"{_renamed_key(key, method)}={value}"])))
         except OmegaConfBaseException as error:
             raise _config_error(error, f"--set {item}") from None
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key, value in flags.items():
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
@@ -323,7 +338,8 @@ def validate(config: RunConfig) -> None:
     Imports nothing heavy (no TensorFlow, no Keras): a bad option fails in a fraction of a second.
     """
     from tfkd import models, rundir
-    from tfkd.distill.methods import METHODS, teachers_needed
+    from tfkd.distill import methods
+    from tfkd.options import checks
 
     for key, value in _leaves(config):
         _check(not isinstance(value, float) or math.isfinite(value), key, value, "a finite number")
@@ -375,20 +391,17 @@ def validate(config: RunConfig) -> None:
         _check(all(1 <= m <= MAX_EPOCHS for m in opt.milestones) and list(opt.milestones) == sorted(set(opt.milestones)),
                f"{name}.optimizer.milestones", opt.milestones, "increasing positive epochs")
     distill = config.distill
-    _check(distill.method in METHODS, "distill.method", distill.method, f"one of {', '.join(METHODS)}")
-    wanted = teachers_needed(distill.method)
+    method = methods.resolve(distill.method)  # ConfigError naming an unknown part
+    wanted = len(method.teachers)
     _check(len(distill.teachers) in (0, wanted), "distill.teachers", distill.teachers,
            f"{wanted} teacher file(s) for method {distill.method}, or none")
-    _check(distill.gan_loss in ("lsgan", "bce"), "distill.gan_loss", distill.gan_loss, "lsgan or bce")
-    _check(distill.temperature > 0, "distill.temperature", distill.temperature, "> 0")
-    _check(0 <= distill.kd_alpha <= 1, "distill.kd_alpha", distill.kd_alpha, "in [0, 1]")
-    _check(0 <= distill.adv_warmup_epochs <= MAX_EPOCHS, "distill.adv_warmup_epochs", distill.adv_warmup_epochs,
-           "an integer >= 0")
-    for key in ("alpha", "beta", "gamma", "ce_weight", "hint_weight", "at_weight"):
-        _check(getattr(distill, key) >= 0, f"distill.{key}", getattr(distill, key), ">= 0")
-    _check(distill.discriminator.learning_rate > 0, "distill.discriminator.learning_rate",
-           distill.discriminator.learning_rate, "> 0")
-    _check(distill.discriminator.width > 0, "distill.discriminator.width", distill.discriminator.width, "> 0")
+    for key, value, passes, expected in checks(distill, "distill."):
+        _check(passes, key, value, expected)
+    for name in method.namespaces:  # the stages spec is checked against the models later
+        options = getattr(distill, name)
+        if hasattr(options, "adv_warmup_epochs"):
+            _check(options.adv_warmup_epochs <= MAX_EPOCHS, f"distill.{name}.adv_warmup_epochs",
+                   options.adv_warmup_epochs, f"an integer from 0 to {MAX_EPOCHS}")
     export = config.export
     _check(bool(export.formats) and all(f in EXPORT_FORMATS for f in export.formats), "export.formats",
            export.formats, f"a list of {', '.join(EXPORT_FORMATS)}")

@@ -266,21 +266,28 @@ class Data:
         return dataset.with_options(options)
 
     def train_dataset(self, batch_size: int, seed: int = 0, augment: bool = True,
-                      shuffle_buffer: int = 0) -> tf.data.Dataset:
-        """Shuffled, augmented, normalized training batches (partial last batch dropped)."""
+                      shuffle_buffer: int = 0, with_index: bool = False) -> tf.data.Dataset:
+        """Shuffled, augmented, normalized training batches (partial last batch dropped).
+        ``with_index``: the inputs are ``{"images", "index"}``, the index of each example in
+        the training split (for terms with a memory bank)."""
         n = len(self.train_labels)
         if n < batch_size:
             raise DataError(f"{self.name}: the training split has {n} images, fewer than one "
                             f"batch of {batch_size}")
-        ds = tf.data.Dataset.from_tensor_slices((self.train_images, self.train_labels))
+        ds = tf.data.Dataset.from_tensor_slices((self.train_images, self.train_labels,
+                                                 tf.range(n, dtype=tf.int32)))
         ds = ds.shuffle(shuffle_buffer or n, seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
         if augment:
             seeds = tf.data.Dataset.random(seed=seed).batch(2)
             ds = tf.data.Dataset.zip((ds, seeds)).map(
-                lambda batch, s: (augment_batch(batch[0], s, self.hflip), batch[1]),
+                lambda batch, s: (augment_batch(batch[0], s, self.hflip), batch[1], batch[2]),
                 num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(lambda x, y: (self.normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        if with_index:
+            ds = ds.map(lambda x, y, i: ({"images": self.normalize(x), "index": i}, y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda x, y, i: (self.normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         return self._options(ds.prefetch(tf.data.AUTOTUNE))
 
     def eval_dataset(self, split: str, batch_size: int) -> tf.data.Dataset:

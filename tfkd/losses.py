@@ -42,6 +42,15 @@ def psnr(target: tf.Tensor, prediction: tf.Tensor, max_value: float = 255.0) -> 
 
 
 # ----------------------------------------------------------------------- distillation terms
+def standardize(logits: tf.Tensor, eps: float = 1e-7) -> tf.Tensor:
+    """Logit standardization (Sun et al. 2024): ``(z - mean(z)) / (std(z) + eps)`` per example,
+    with the sample standard deviation (n - 1), as the authors' ``torch.std``."""
+    mean = ops.mean(logits, axis=-1, keepdims=True)
+    count = ops.cast(ops.shape(logits)[-1], logits.dtype)
+    var = ops.sum(ops.square(logits - mean), axis=-1, keepdims=True) / (count - 1.0)
+    return (logits - mean) / (ops.sqrt(var) + eps)
+
+
 def kd(teacher_logits: tf.Tensor, student_logits: tf.Tensor, temperature: float) -> tf.Tensor:
     """Hinton KD: ``tau^2 * KL(softmax(t / tau) || softmax(s / tau))``, mean over the batch.
 

@@ -78,22 +78,16 @@ def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
                                 nesterov=True, weight_decay=opt.weight_decay or None)
 
 
-def discriminator_optimizer(disc: config_lib.DiscriminatorConfig) -> Any:
-    """The discriminators' Adam from ``distill.discriminator``; ``bench speed`` times the same one."""
-    import keras
-
-    return keras.optimizers.Adam(disc.learning_rate, beta_1=disc.beta_1)
-
-
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
-         extra_callbacks: list[Any]) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
-    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter)."""
+         extra_callbacks: list[Any], with_index: bool = False) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
+    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter).
+    ``with_index``: training batches carry each example's index in the split (memory banks)."""
     import keras
 
     from tfkd import callbacks
 
     batch = cfg.data.batch_size
-    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer)
+    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer, with_index)
     val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
@@ -212,13 +206,18 @@ def _accuracies(model: Any, data: Any, batch: int) -> dict[str, float]:
 
 
 def teacher_plan(cfg: config_lib.RunConfig) -> list[tuple[str, float | None, float | None]]:
-    """The teachers the method needs: (file stem, lambda_cls, lambda_rec); None = the config's."""
-    from tfkd.distill import teachers_needed
+    """The teachers the method needs, as ``--stage teacher`` trains them: (file stem, lambda_cls,
+    lambda_rec), None = the config's; ``teacher`` for one, ``teacher1``, ``teacher2``, ... for
+    several (each role's recipe: ``tfkd.distill.methods.ROLE_RECIPES``)."""
+    from tfkd.distill import methods
 
-    count = teachers_needed(cfg.distill.method)
-    if count == 2:  # MKTN: Teacher1 reconstructs (autoencoder), Teacher2 classifies
-        return [("teacher1", 0.0, 1.0), ("teacher2", 1.0, 0.0)]
-    return [("teacher", None, None)]
+    roles = methods.resolve(cfg.distill.method).teachers or ("teacher",)
+    plan = []
+    for i, role in enumerate(roles):
+        recipe = methods.ROLE_RECIPES.get(role)
+        plan.append(("teacher" if len(roles) == 1 else f"teacher{i + 1}",
+                     *(recipe if recipe is not None else (None, None))))
+    return plan
 
 
 def _note(message: str) -> None:
@@ -307,34 +306,22 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
 
 
 def teacher_roles(method: str) -> list[str]:
-    """What each of ``method``'s teachers is for, in command-line order (see ``load_teacher``)."""
-    from tfkd.distill import teachers_needed
+    """What each of ``method``'s teachers is for, in command-line order (see ``load_teacher``):
+    ``reconstruction`` (cft) and ``autoencoder`` (mktn's Teacher1) features come from
+    reconstruction training, the others are read for their logits and features."""
+    from tfkd.distill import methods
 
-    count = teachers_needed(method)
-    if count == 2:
-        return ["reconstruction", "teacher"]
-    return ["reconstruction" if method == "cft" else "teacher"] * count
+    return ["reconstruction" if role in ("reconstruction", "autoencoder") else "teacher"
+            for role in methods.resolve(method).teachers]
 
 
 def build_distiller(cfg: config_lib.RunConfig, student: Any, teachers: Sequence[Any],
-                    steps_per_epoch: int) -> Any:
-    """The Distiller of ``cfg.distill`` (uncompiled): the method's loss weights and every option.
+                    steps_per_epoch: int, train_labels: Any = None) -> Any:
+    """The Distiller of ``cfg.distill`` (uncompiled): the method and its options
+    (``tfkd.distill.from_config``); ``teachers`` are loaded backbones in command-line order."""
+    from tfkd.distill import from_config
 
-    ``teachers`` are loaded backbones in command-line order (mktn: the reconstruction teacher,
-    then the classifier).
-    """
-    from tfkd.distill import Distiller, loss_weights
-
-    dcfg = cfg.distill
-    weights = loss_weights(dcfg.method, dcfg.alpha, dcfg.beta, dcfg.gamma, dcfg.kd_alpha,
-                           dcfg.hint_weight, dcfg.at_weight, dcfg.ce_weight)
-    teacher = teachers[-1] if teachers else None  # mktn: Teacher2 (classifier) is second
-    adversarial = teachers[0] if len(teachers) == 2 else None
-    return Distiller(student, teacher, adversarial, weights, stages=dcfg.stages,
-                     temperature=dcfg.temperature, gan_loss=dcfg.gan_loss,
-                     sync_bn=cfg.sync_batchnorm, adapter_relu=dcfg.adapter_relu,
-                     adversarial_warmup_steps=dcfg.adv_warmup_epochs * steps_per_epoch,
-                     discriminator_width=dcfg.discriminator.width, name="distiller")
+    return from_config(cfg.distill, student, teachers, steps_per_epoch, train_labels, cfg.sync_batchnorm)
 
 
 def load_teachers(cfg: config_lib.RunConfig, data: Any, strategy: Any,
@@ -358,19 +345,20 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     with strategy.scope():
         student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
         steps_per_epoch = len(data.train_labels) // batch
-        distiller = build_distiller(cfg, student, teachers, steps_per_epoch)
+        distiller = build_distiller(cfg, student, teachers, steps_per_epoch, data.train_labels)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
-        distiller.compile(optimizer=optimizer,
-                          discriminator_optimizer=discriminator_optimizer(dcfg.discriminator))
+        distiller.compile(optimizer=optimizer)  # a term with an optimizer of its own built it
         distiller.build_all()
-    history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [])
+    history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
+                                     with_index=distiller.needs_index)
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         student.save(tmp)
     _drop_backup(out_dir, "distill")
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
     return {
         "method": dcfg.method, "model": scfg.model, "teachers": [str(p) for p in teacher_paths],
-        "terms": {t: getattr(distiller.loss_weights, t) for t in distiller.terms}, "stages": dcfg.stages,
+        "term_settings": {t.name: t.config() for t in distiller.terms},
+        "terms": dict(distiller.weights_by_term),
         "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"), "params": int(student.count_params()),

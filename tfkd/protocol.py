@@ -129,7 +129,7 @@ def resolve(protocol: str) -> Path:
 
 def load(protocol: str) -> Protocol:
     """Reads and checks a protocol file (YAML, read as data only)."""
-    from tfkd.distill.methods import METHODS, teachers_needed
+    from tfkd.distill import methods
 
     from tfkd.config import read_yaml_file
 
@@ -170,11 +170,14 @@ def load(protocol: str) -> Protocol:
         entry = _mapping(entry, where)
         _known(entry, RUN_KEYS, where)
         method = entry.get("method")
-        if method not in METHODS:
-            raise ConfigError(f"{where}: method {method!r}: expected one of {', '.join(METHODS)}")
+        try:
+            needed = len(methods.resolve(str(method)).teachers)
+        except ConfigError:
+            raise ConfigError(f"{where}: method {method!r}: expected one of {', '.join(methods.METHODS)} "
+                              "or a composition like cft+dkd") from None
         run_teachers = list(entry.get("teachers") or [])
-        if len(run_teachers) != teachers_needed(method):
-            raise ConfigError(f"{where}: method {method} takes {teachers_needed(method)} "
+        if len(run_teachers) != needed:
+            raise ConfigError(f"{where}: method {method} takes {needed} "
                               f"teacher(s), got {len(run_teachers)}")
         for teacher in run_teachers:
             if teacher not in teachers:

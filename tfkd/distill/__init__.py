@@ -1,8 +1,9 @@
-"""Knowledge transfer: the Distiller (one ``train_step`` for every method), the ConvBlock
-adapter, the feature-map discriminator and the method table.
+"""Knowledge transfer: the Distiller (one ``train_step`` for every method), the loss terms
+(``terms``), the registered methods (``methods``), the ConvBlock adapter and the feature-map
+discriminator.
 
-The method table (``tfkd.distill.methods``) is plain Python, so options can be validated
-without Keras; the Keras parts are imported on first use.
+The methods and terms are plain Python at import time, so options are validated without Keras;
+the Keras parts are imported on first use.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from tfkd.distill.methods import METHODS, LossWeights, loss_weights, teachers_needed
+from tfkd.distill.methods import METHODS, REGISTRY, resolve, teachers_needed
+from tfkd.distill.terms import resolve_stages
 
 _LAZY = {"ConvBlock": "adapters", "build_discriminator": "discriminator", "Distiller": "distiller",
-         "resolve_stages": "distiller"}
+         "from_config": "distiller"}
 
-__all__ = ["ConvBlock", "Distiller", "LossWeights", "METHODS", "build_discriminator",
-           "loss_weights", "resolve_stages", "teachers_needed"]
+__all__ = ["ConvBlock", "Distiller", "METHODS", "REGISTRY", "build_discriminator", "from_config",
+           "resolve", "resolve_stages", "teachers_needed"]
 
 
 def __getattr__(name: str) -> Any:

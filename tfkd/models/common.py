@@ -36,13 +36,18 @@ def classifier_head(api: ModuleType, x: Any, num_classes: int) -> Any:
     return api.layers.Dense(num_classes, name="logits")(x)
 
 
-def finish(api: ModuleType, inputs: Any, features: Sequence[Any], logits: Any, name: str) -> Any:
-    """Wraps a backbone as a functional model returning ``{"logits", "features"}``.
+def finish(api: ModuleType, inputs: Any, features: Sequence[Any], logits: Any, name: str,
+           preact: Sequence[Any] | None = None) -> Any:
+    """Wraps a backbone as a functional model returning ``{"logits", "features", "preact"}``.
 
     ``features`` holds one feature map per stage, shallow to deep; distillation taps them and
-    the reconstruction teacher decodes the last one.
+    the reconstruction teacher decodes the last one. ``preact`` holds the same maps before their
+    final ReLU (tensors the network computes anyway: no extra work), for methods that distill
+    pre-activation features (OFD, ReviewKD's teacher side); a stage with no ReLU at its end
+    gives its output itself.
     """
-    return api.Model(inputs, {"logits": logits, "features": list(features)}, name=name)
+    return api.Model(inputs, {"logits": logits, "features": list(features),
+                              "preact": list(preact if preact is not None else features)}, name=name)
 
 
 def default_api() -> ModuleType:

@@ -60,8 +60,9 @@ def mobilenetv2(num_classes: int, width: float = 1.0, input_shape: Sequence[int]
             x = inverted_residual(api, x, expansion, _divisible(channels * width),
                                   stride if b == 0 else 1, sync_bn, name=f"group{g + 1}_block{b + 1}")
     x = conv(api, _divisible(1280 * max(1.0, width)), 1, name="final_conv")(x)
-    x = batch_norm(api, sync_bn, name="final_bn")(x)
-    x = api.layers.ReLU(6.0, name="final_relu")(x)
+    pre = batch_norm(api, sync_bn, name="final_bn")(x)
+    x = api.layers.ReLU(6.0, name="final_relu")(pre)
+    preact = [*features, pre]  # block outputs are linear (no ReLU): their own pre-activation
     features.append(x)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or "mobilenetv2")
+    return finish(api, inputs, features, logits, name or "mobilenetv2", preact)

@@ -15,7 +15,7 @@ from tfkd.models.common import batch_norm, classifier_head, conv, default_api, f
 
 
 def basic_block(api: ModuleType, x: Any, filters: int, stride: int, sync_bn: bool, name: str) -> Any:
-    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU; returns (output, output before the ReLU)."""
     in_channels = x.shape[-1]
     out = conv(api, filters, 3, stride, name=f"{name}_conv1")(x)
     out = batch_norm(api, sync_bn, name=f"{name}_bn1")(out)
@@ -26,8 +26,8 @@ def basic_block(api: ModuleType, x: Any, filters: int, stride: int, sync_bn: boo
     if stride != 1 or in_channels != filters:
         shortcut = conv(api, filters, 1, stride, name=f"{name}_down_conv")(x)
         shortcut = batch_norm(api, sync_bn, name=f"{name}_down_bn")(shortcut)
-    out = api.layers.Add(name=f"{name}_add")([out, shortcut])
-    return api.layers.ReLU(name=f"{name}_out")(out)
+    pre = api.layers.Add(name=f"{name}_add")([out, shortcut])
+    return api.layers.ReLU(name=f"{name}_out")(pre), pre
 
 
 def cifar_resnet(depth: int, num_classes: int, widths: Sequence[int] = (16, 16, 32, 64),
@@ -42,14 +42,15 @@ def cifar_resnet(depth: int, num_classes: int, widths: Sequence[int] = (16, 16, 
     x = conv(api, widths[0], 3, name="stem_conv")(inputs)
     x = batch_norm(api, sync_bn, name="stem_bn")(x)
     x = api.layers.ReLU(name="stem_relu")(x)
-    features = []
+    features, preact = [], []
     for stage, filters in enumerate(widths[1:], start=1):
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
-            x = basic_block(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
+            x, pre = basic_block(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
         features.append(x)
+        preact.append(pre)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"resnet{depth}")
+    return finish(api, inputs, features, logits, name or f"resnet{depth}", preact)
 
 
 def _conv3x3_torch(api: ModuleType, x: Any, filters: int, stride: int, name: str) -> Any:
@@ -76,7 +77,8 @@ def shortcut_a(api: ModuleType, x: Any, filters: int, name: str) -> Any:
 
 
 def basic_block_a(api: ModuleType, x: Any, filters: int, stride: int, sync_bn: bool, name: str) -> Any:
-    """conv3x3-BN-ReLU-conv3x3-BN plus the option-A shortcut, then ReLU (PyTorch padding)."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus the option-A shortcut, then ReLU (PyTorch padding);
+    returns (output, output before the ReLU)."""
     out = _conv3x3_torch(api, x, filters, stride, f"{name}_conv1")
     out = batch_norm(api, sync_bn, name=f"{name}_bn1")(out)
     out = api.layers.ReLU(name=f"{name}_relu1")(out)
@@ -85,8 +87,8 @@ def basic_block_a(api: ModuleType, x: Any, filters: int, stride: int, sync_bn: b
     shortcut = x
     if stride != 1 or int(x.shape[-1]) != filters:
         shortcut = shortcut_a(api, x, filters, f"{name}_shortcut")
-    out = api.layers.Add(name=f"{name}_add")([out, shortcut])
-    return api.layers.ReLU(name=f"{name}_out")(out)
+    pre = api.layers.Add(name=f"{name}_add")([out, shortcut])
+    return api.layers.ReLU(name=f"{name}_out")(pre), pre
 
 
 def cifar_resnet_a(depth: int, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
@@ -108,11 +110,12 @@ def cifar_resnet_a(depth: int, num_classes: int, input_shape: Sequence[int] = (3
     x = conv(api, 16, 3, name="stem_conv")(x)
     x = batch_norm(api, sync_bn, name="stem_bn")(x)
     x = api.layers.ReLU(name="stem_relu")(x)
-    features = []
+    features, preact = [], []
     for stage, filters in enumerate((16, 32, 64), start=1):
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
-            x = basic_block_a(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
+            x, pre = basic_block_a(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
         features.append(x)
+        preact.append(pre)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"resnet{depth}a")
+    return finish(api, inputs, features, logits, name or f"resnet{depth}a", preact)

@@ -27,15 +27,16 @@ def vgg(depth: int, num_classes: int, input_shape: Sequence[int] = (32, 32, 3), 
         raise ValueError(f"VGG depth must be one of {sorted(VGG_BLOCKS)}, got {depth}")
     inputs = api.Input(shape=tuple(input_shape), name="images")
     x = inputs
-    features = []
+    features, preact = [], []
     pooled_blocks = 4 if input_shape[0] >= 64 else 3
     for b, block in enumerate(VGG_BLOCKS[depth]):
         for i, filters in enumerate(block):
             x = conv(api, filters, 3, bias=True, name=f"block{b}_conv{i + 1}")(x)
-            x = batch_norm(api, sync_bn, name=f"block{b}_bn{i + 1}")(x)
-            x = api.layers.ReLU(name=f"block{b}_relu{i + 1}")(x)
+            pre = batch_norm(api, sync_bn, name=f"block{b}_bn{i + 1}")(x)
+            x = api.layers.ReLU(name=f"block{b}_relu{i + 1}")(pre)
         features.append(x)
+        preact.append(pre)
         if b < pooled_blocks:
             x = api.layers.MaxPooling2D(2, name=f"block{b}_pool")(x)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"vgg{depth}")
+    return finish(api, inputs, features, logits, name or f"vgg{depth}", preact)

@@ -77,3 +77,15 @@ def feed(model: Any, data_mean: Sequence[float], data_std: Sequence[float],
                                            name="feed")(images)
     outputs = model(converted)
     return keras.Model(images, outputs, name=name or model.name)
+
+
+def unwrap(model: Any) -> Any:
+    """The model inside ``feed``'s wrappers (``model`` itself when it is not wrapped): its layer
+    graph holds what a method reads from the model's layers (OFD's batch norms)."""
+    while True:
+        layers = getattr(model, "layers", [])
+        names = [layer.name for layer in layers]
+        if "feed" in names and layers and hasattr(layers[-1], "layers"):
+            model = layers[-1]
+            continue
+        return model

@@ -35,14 +35,16 @@ def wide_resnet(depth: int, width: int, num_classes: int, input_shape: Sequence[
     blocks = (depth - 4) // 6
     inputs = api.Input(shape=tuple(input_shape), name="images")
     x = conv(api, 16, 3, name="stem_conv")(inputs)
-    features = []
+    features, preact = [], []
     for stage, filters in enumerate((16 * width, 32 * width, 64 * width), start=1):
         for block in range(blocks):
             stride = 2 if stage > 1 and block == 0 else 1
             x = wide_block(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
+        pre = x  # pre-activation blocks: stages 1 and 2 end before any ReLU
         if stage == 3:
-            x = batch_norm(api, sync_bn, name="final_bn")(x)
-            x = api.layers.ReLU(name="final_relu")(x)
+            pre = batch_norm(api, sync_bn, name="final_bn")(x)
+            x = api.layers.ReLU(name="final_relu")(pre)
         features.append(x)
+        preact.append(pre)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"wrn_{depth}_{width}")
+    return finish(api, inputs, features, logits, name or f"wrn_{depth}_{width}", preact)

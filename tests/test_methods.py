@@ -1,0 +1,311 @@
+"""The method zoo: every formula against NumPy on fixed inputs, composition, the option
+namespaces, MirroredStrategy, and resuming with every term's state."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfkd import config, losses, models
+from tfkd.distill import from_config, methods, resolve
+from tfkd.distill.methods import RunInfo, crd, dist, dkd, ofd, reviewkd
+from tfkd.errors import ConfigError
+
+pytestmark = pytest.mark.xdist_group("methods")
+
+
+def arrays(*shapes, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=s) * scale).astype(np.float32) for s in shapes]
+
+
+def softmax(z, axis=-1):
+    e = np.exp(z - z.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def kl(p, q):
+    return np.sum(p * (np.log(p) - np.log(q)), -1)
+
+
+# ----------------------------------------------------------------------------- formulas vs NumPy
+def test_dkd_matches_the_authors_formula():
+    t, s = arrays((8, 10), (8, 10), scale=3.0)
+    y = np.arange(8) % 10
+    tau, alpha, beta = 4.0, 1.0, 8.0
+    gt = np.eye(10)[y].astype(bool)
+    ps, pt = softmax(s / tau), softmax(t / tau)
+    bs = np.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], 1)
+    bt = np.stack([(pt * gt).sum(1), (pt * ~gt).sum(1)], 1)
+    tckd = kl(bt, bs).sum() * tau**2 / 8
+    pt2, ps2 = softmax(t / tau - 1000.0 * gt), softmax(s / tau - 1000.0 * gt)
+    nckd = np.sum(pt2 * (np.log(pt2 + 1e-30) - np.log(ps2 + 1e-30))) * tau**2 / 8
+    np.testing.assert_allclose(float(dkd.dkd_loss(t, s, y, alpha, beta, tau)), alpha * tckd + beta * nckd, rtol=1e-4)
+
+
+def test_dkd_warms_up_linearly_over_its_epochs():
+    term = dkd.DKD(1.0, 8.0, 4.0, warmup_epochs=20, steps_per_epoch=10)
+    for step, expected in ((0, 1 / 20), (9, 1 / 20), (10, 2 / 20), (195, 20 / 20), (1000, 1.0)):
+        assert float(term.weight_at(tf.constant(step))) == pytest.approx(expected), step
+
+
+def test_dist_matches_the_authors_formula():
+    t, s = arrays((16, 10), (16, 10), seed=1, scale=2.0)
+    tau = 4.0
+    ps, pt = softmax(s / tau), softmax(t / tau)
+
+    def pearson(a, b):
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-8)
+
+    inter, intra = 1 - pearson(ps, pt).mean(), 1 - pearson(ps.T, pt.T).mean()
+    expected = tau**2 * (1.0 * inter + 1.0 * intra)
+    np.testing.assert_allclose(float(dist.dist_loss(t, s, 1.0, 1.0, tau)), expected, rtol=1e-5)
+
+
+def test_logit_standardization_z_scores_before_the_softmax():
+    t, s = arrays((8, 10), (8, 10), seed=2, scale=5.0)
+
+    def z(a):
+        return (a - a.mean(1, keepdims=True)) / (a.std(1, ddof=1, keepdims=True) + 1e-7)
+
+    np.testing.assert_allclose(np.asarray(losses.standardize(t)), z(t), rtol=1e-5, atol=1e-6)
+    expected = 2.0**2 * kl(softmax(z(t) / 2.0), softmax(z(s) / 2.0)).mean()
+    cfg = config.load(dotlist=["distill.method=kd+ls"])
+    kd_term = [term for term in resolve("kd+ls").terms(cfg.distill, RunInfo()) if term.name == "kd"][0]
+    assert (kd_term.weight, kd_term.temperature, kd_term.standardize) == (9.0, 2.0, True)
+    from tfkd.distill.terms import StepInputs
+
+    value = kd_term.compute(StepInputs(None, {"logits": s}, {"teacher": {"logits": t}}))
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+
+
+def test_ofd_margin_is_the_mean_below_zero_of_the_batch_norm_gaussian():
+    from scipy.stats import norm
+
+    gamma, beta = np.array([1.0, -2.0, 0.5, 0.1]), np.array([0.0, 1.0, -0.3, 2.0])
+    found = ofd.margins(gamma, beta)
+    for g, b, m in zip(gamma, beta, found):
+        s = abs(g)
+        if norm.cdf(-b / s) > 0.001:  # E[x | x < 0] of N(b, s^2), by numerical integration
+            xs = np.linspace(b - 12 * s, 0, 200001)
+            density = norm.pdf(xs, b, s)
+            assert m == pytest.approx(np.trapezoid(xs * density, xs) / np.trapezoid(density, xs), rel=1e-4)
+        else:
+            assert m == pytest.approx(-3 * s)
+
+
+def test_ofd_partial_l2_matches_numpy():
+    source, target = arrays((4, 3, 3, 5), (4, 3, 3, 5), seed=3)
+    margin = np.array([-0.5, -0.2, -1.0, -0.1, -0.3], np.float32)
+    hinge = (source > margin) & (target <= margin)
+    below = (source > target) & (target > margin) & (target <= 0)
+    loss = (source - margin) ** 2 * hinge + (source - target) ** 2 * below + (source - target) ** 2 * (target > 0)
+    np.testing.assert_allclose(float(ofd.partial_l2(source, target, margin)), np.abs(loss).mean(0).sum(), rtol=1e-5)
+
+
+def test_reviewkd_hierarchical_context_loss_matches_numpy():
+    fs, ft = arrays((2, 8, 8, 3), (2, 8, 8, 3), seed=4)
+
+    def pool(x, size):
+        n, h, w, c = x.shape
+        return x.reshape(n, size, h // size, size, w // size, c).mean((2, 4))
+
+    loss, weight, norm_ = ((fs - ft) ** 2).mean(), 1.0, 1.0
+    for level in (4, 2, 1):
+        weight /= 2
+        loss += ((pool(fs, level) - pool(ft, level)) ** 2).mean() * weight
+        norm_ += weight
+    one, two = arrays((2, 1, 1, 3), (2, 1, 1, 3), seed=5)
+    expected = loss / norm_ + ((one - two) ** 2).mean()  # a 1x1 level has no pyramid
+    np.testing.assert_allclose(float(reviewkd.hcl([fs, one], [ft, two])), expected, rtol=1e-5)
+
+
+def test_crd_nce_loss_matches_numpy():
+    (scores,) = arrays((6, 9), seed=6)
+    scores = np.exp(scores)
+    n = 1000
+    m, noise = 8, 8 / 1000
+    expected = -(np.log(scores[:, 0] / (scores[:, 0] + noise + 1e-7)).sum()
+                 + np.log(noise / (scores[:, 1:] + noise + 1e-7)).sum()) / 6
+    np.testing.assert_allclose(float(crd.nce_loss(scores, n)), expected, rtol=1e-5)
+
+
+def test_crd_negatives_come_from_other_classes_and_the_positive_is_the_example():
+    labels = np.random.default_rng(0).integers(0, 5, 300)
+    term = crd.Contrastive(0.8, 16, 200, 0.07, 0.5)
+    term.num_data = 300
+    term.order, term.starts, term.counts = crd.other_class_sampler(labels)
+    index = np.arange(0, 300, 7, dtype=np.int32)
+    idx = term.sample(tf.constant(labels[index]), tf.constant(index), tf.constant(3)).numpy()
+    assert (idx[:, 0] == index).all()
+    assert (labels[idx[:, 1:]] != labels[index][:, None]).all() and idx.min() >= 0 and idx.max() < 300
+    # uniform over the other classes' images: every other-class image is drawn about equally often
+    draws = np.concatenate([term.sample(tf.constant(labels[index]), tf.constant(index), tf.constant(s)).numpy()[:, 1:]
+                            for s in range(20)])
+    assert len(np.unique(draws)) > 0.95 * 300
+
+
+# ----------------------------------------------------------------------------- composition, options
+def terms_of(method, *settings):
+    cfg = config.load(dotlist=[f"distill.method={method}", *settings])
+    return {t.name: t for t in resolve(method).terms(cfg.distill, RunInfo(steps_per_epoch=5))}
+
+
+def test_compositions_put_a_term_in_the_slot_it_replaces():
+    cft_dkd = terms_of("cft+dkd")
+    assert list(cft_dkd) == ["ce", "dkd", "feat", "adv"] and cft_dkd["dkd"].teacher == "reconstruction"
+    assert terms_of("mktn+dkd")["dkd"].teacher == "classifier"  # the replaced KD term's teacher
+    dkd_ls = terms_of("dkd+ls")["dkd"]
+    assert (dkd_ls.alpha, dkd_ls.beta, dkd_ls.temperature, dkd_ls.standardize) == (9.0, 72.0, 2.0, True)
+    assert terms_of("dist+ls")["dist"].weight == 2.0  # no author setting: the weight stays
+    added = terms_of("cft+crd")
+    assert list(added) == ["ce", "kd", "feat", "adv", "crd"] and added["crd"].teacher == "reconstruction"
+    assert terms_of("cft", "distill.cft.gamma=0")  # cft without KD has no logit term: dkd is added
+    assert list(terms_of("cft+dkd", "distill.cft.gamma=0")) == ["ce", "feat", "adv", "dkd"]
+    assert methods.teachers_needed("mktn+dkd") == 2 and methods.teachers_needed("kd+ls") == 1
+
+
+@pytest.mark.parametrize("method,match", [
+    ("ls", "put it after one"), ("kd+kd", "appears twice"), ("student+kd", "takes no teacher"),
+    ("kd+magic", "expected one of"), ("fitnet+ls", "no logit term to standardize")])
+def test_bad_compositions_are_refused_with_one_line(method, match):
+    with pytest.raises(ConfigError, match=match) as error:
+        terms_of(method)
+    assert "\n" not in str(error.value)
+
+
+def test_old_flat_keys_map_onto_the_method_namespaces():
+    cfg = config.load(dotlist=["distill.method=mktn", "distill.beta=0.3", "distill.kd_alpha=0.5",
+                               "distill.discriminator.width=2", "distill.hint_weight=7"])
+    assert cfg.distill.mktn.beta == 0.3 and cfg.distill.cft.beta == 0.1  # the method's own section
+    assert cfg.distill.kd.alpha == 0.5 and cfg.distill.fitnet.weight == 7.0
+    assert cfg.distill.mktn.discriminator.width == 2.0
+    assert config.load(dotlist=["distill.method=kd", "distill.temperature=2"]).distill.kd.temperature == 2.0
+    with pytest.raises(ConfigError, match="option 'distill.dkd.beta' = -1.0: expected >= 0"):
+        config.load(dotlist=["distill.method=dkd", "distill.dkd.beta=-1"])
+
+
+def test_defaults_are_the_papers_cifar_settings():
+    d = config.load().distill
+    assert (d.dkd.alpha, d.dkd.beta, d.dkd.temperature, d.dkd.warmup_epochs) == (1.0, 8.0, 4.0, 20)
+    assert (d.dist.weight, d.dist.beta, d.dist.gamma, d.dist.temperature) == (2.0, 1.0, 1.0, 4.0)
+    assert (d.ls.temperature, d.ls.weight) == (2.0, 9.0)
+    assert (d.ofd.weight, d.reviewkd.weight, d.reviewkd.warmup_epochs) == (0.001, 5.0, 20)
+    assert (d.crd.weight, d.crd.dim, d.crd.negatives, d.crd.temperature, d.crd.momentum) == (0.8, 128, 16384, 0.07, 0.5)
+
+
+# ----------------------------------------------------------------------------- Keras parts
+NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd"]
+
+
+def make(method, sync_bn=False, seed=0, labels=64):
+    keras.utils.set_random_seed(seed)
+    cfg = config.load(dotlist=[f"distill.method={method}", "distill.crd.negatives=32",
+                               "distill.dkd.warmup_epochs=3", "distill.reviewkd.warmup_epochs=3"])
+    teachers = [models.get("resnet14", 10, sync_bn=sync_bn) for _ in resolve(method).teachers]
+    distiller = from_config(cfg.distill, models.get("resnet8", 10, sync_bn=sync_bn), teachers,
+                            steps_per_epoch=2, train_labels=np.arange(labels) % 10, sync_bn=sync_bn)
+    distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True))
+    distiller.build_all()
+    return distiller
+
+
+def inputs(distiller, x, index):
+    return {"images": x, "index": index} if distiller.needs_index else x
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_new_methods_give_the_same_losses_on_two_replicas_as_on_one_device(method, two_replicas):
+    x, = arrays((16, 32, 32, 3), seed=7)
+    y = (np.arange(16) % 10).astype(np.int32)
+    index = np.arange(16, dtype=np.int32) * 3
+    weights = make(method, sync_bn=True).get_weights()
+    logs = {}
+    for name, strategy in (("one", tf.distribute.OneDeviceStrategy("/cpu:0")), ("two", two_replicas)):
+        with strategy.scope():
+            distiller = make(method, sync_bn=True)
+            distiller.set_weights(weights)
+        ds = tf.data.Dataset.from_tensor_slices((inputs(distiller, x, index), y)).batch(16)
+        logs[name] = distiller.fit(ds, epochs=2, verbose=0, shuffle=False).history
+        if method == "crd":
+            memory = next(layer for layer in distiller.term_layers if layer.name == "crd_memory")
+            logs[name]["bank"] = [memory.memory_s.numpy(), memory.z.numpy()]
+    for key in logs["one"]:
+        if key == "bank":
+            for a, b in zip(logs["one"]["bank"], logs["two"]["bank"]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+            continue
+        np.testing.assert_allclose(logs["two"][key], logs["one"][key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_a_restored_backup_holds_every_terms_state(method, tmp_path):
+    from tfkd.callbacks import AtomicBackupAndRestore
+
+    x, = arrays((32, 32, 32, 3), seed=8)
+    y = (np.arange(32) % 10).astype(np.int32)
+    first = make(method, seed=1)
+    ds = tf.data.Dataset.from_tensor_slices((inputs(first, x, np.arange(32, dtype=np.int32)), y)).batch(16)
+    backup = str(tmp_path / "backup")
+    first.fit(ds, epochs=2, verbose=0, callbacks=[AtomicBackupAndRestore(backup, delete_checkpoint=False)])
+    again = make(method, seed=2)  # other initial weights: everything must come from the backup
+    again.fit(ds, epochs=2, verbose=0, callbacks=[AtomicBackupAndRestore(backup, delete_checkpoint=False)])
+    assert int(again.optimizer.iterations) == int(first.optimizer.iterations) == 4  # warm-up position
+    for a, b in zip(first.weights, again.weights):  # student, adapters, embeddings, memory bank, Z
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    step = again.optimizer.iterations
+    assert [float(t.weight_at(step)) for t in again.terms] == [float(t.weight_at(step)) for t in first.terms]
+    if method == "crd":
+        memory = next(layer for layer in again.term_layers if layer.name == "crd_memory")
+        assert float(memory.z.numpy()[0]) > 0  # set on the first step, restored
+
+
+def test_crd_run_killed_mid_training_resumes_with_its_memory_bank(tmp_path):
+    import h5py
+
+    run = tmp_path / "crd"
+    args = [sys.executable, "-m", "tfkd.train", "--stage", "distill", "--method", "crd", "--teacher-model",
+            "resnet8", "--student-model", "resnet8", "--run-dir", str(run), "--epochs", "4", "--batch-size", "64",
+            "--set", "progress=0", "--set", "distill.crd.negatives=256"]
+    teacher = tmp_path / "teacher"
+    assert subprocess.run([*args[:3], "--stage", "teacher", "--teacher-model", "resnet8", "--run-dir", str(teacher),
+                           "--epochs", "1", "--batch-size", "64", "--set", "progress=0"],
+                          capture_output=True, timeout=300).returncode == 0
+    args += ["--teacher", str(teacher / "teacher.keras")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metadata = run / "backup" / "distill" / "training_metadata.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(metadata.read_text())["epoch"] >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    backed_up = json.loads(metadata.read_text())["epoch"]
+    size = json.loads((run / "dataset.json").read_text())["num_train"]
+    banks = []
+    with h5py.File(run / "backup" / "distill" / "latest.weights.h5") as f:
+        f.visititems(lambda name, obj: banks.append(obj[()]) if getattr(obj, "shape", ()) == (size, 128) else None)
+    assert len(banks) == 2 and all(np.isfinite(b).all() for b in banks)  # the student's and the teacher's
+    norms = np.linalg.norm(banks[0], axis=1)  # rows the updates reached are unit vectors, the others
+    assert np.mean(np.abs(norms - 1) < 1e-4) > 0.9  # (a few: the dropped partial batches) still random
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-1500:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 4 and metrics["epochs_run_here"] == 4 - backed_up
+    assert math.isfinite(metrics["test_accuracy"]) and metrics["terms"] == {"ce": 1.0, "crd": 0.8}
