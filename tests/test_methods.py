@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -135,7 +134,7 @@ def test_crd_nce_loss_matches_numpy():
     (scores,) = arrays((6, 9), seed=6)
     scores = np.exp(scores)
     n = 1000
-    m, noise = 8, 8 / 1000
+    noise = 8 / n  # K = 8 negatives
     expected = -(np.log(scores[:, 0] / (scores[:, 0] + noise + 1e-7)).sum()
                  + np.log(noise / (scores[:, 1:] + noise + 1e-7)).sum()) / 6
     np.testing.assert_allclose(float(crd.nce_loss(scores, n)), expected, rtol=1e-5)

@@ -156,7 +156,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
                                                      for k, v in rates.items()}
     if args.latency_runs:
         latency = {name: _latencies(model, args.latency_runs)
-                   for name, model in (("student", student_model), ("teacher", teacher))}
+                   for name, model in (("student", student_model), ("teacher", teacher_models[0]))}
         result["inference_batch1_ms"] = latency
         result["inference_teacher_over_student"] = {
             fmt: round(latency["teacher"][fmt] / latency["student"][fmt], 2) for fmt in latency["student"]}
