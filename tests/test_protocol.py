@@ -34,15 +34,18 @@ def test_shipped_cifar10_protocol_expands_to_teachers_then_every_method(tmp_path
     assert (protocol.dataset, protocol.epochs, protocol.batch_size, protocol.student) == \
         ("cifar10", 20, 128, "resnet8")
     assert list(protocol.runs) == ["student", "kd", "fitnet", "at", "cft", "mktn", "cft-no-adv",
-                                   "cft-no-feat", "cft-plain-teacher"]
+                                   "cft-no-feat", "cft-plain-teacher", "dkd", "dist", "kd-ls", "dkd-ls",
+                                   "ofd", "reviewkd", "crd"]
     jobs = protocol_lib.jobs(protocol, tmp_path, "/data", seeds=[0, 1])
     kinds = [(j.kind, j.name, j.seed) for j in jobs]
     assert kinds[:3] == [("teacher", "rec", 0), ("teacher", "plain", 0), ("teacher", "autoencoder", 0)]
-    assert len(jobs) == 3 + 9 * 2
+    assert len(jobs) == 3 + 16 * 2
     default = protocol_lib.jobs(protocol, tmp_path, "/data")  # the headline trio: three seeds
     assert {(j.name, j.seed) for j in default if j.seed} == {(n, s) for n in ("student", "kd", "cft")
                                                              for s in (1, 2)}
-    assert len(default) == 3 + 9 + 3 * 2
+    assert len(default) == 3 + 16 + 3 * 2
+    kd_ls = next(j for j in default if j.name == "kd-ls")
+    assert kd_ls.args[kd_ls.args.index("--method") + 1] == "kd+ls"
     mktn = next(j for j in jobs if j.name == "mktn")
     teachers = [mktn.args[i + 1] for i, a in enumerate(mktn.args) if a == "--teacher"]
     assert teachers == [str(tmp_path / "runs/teachers/autoencoder/teacher.keras"),
