@@ -93,6 +93,21 @@ def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
     return {name: steps * size / seconds for name, seconds in best.items()}
 
 
+def _step_multiply_adds(model: Any, batch: tuple[Any, Any]) -> float:
+    """Multiply-adds per image of one ``train_step`` of ``model``, as TensorFlow's graph profiler
+    counts them (convolutions, their gradients, matrix products: the work the step must do)."""
+    import numpy as np
+    import tensorflow as tf
+
+    size = int(batch[1].shape[0])
+    x = ({"images": batch[0], "index": np.arange(size, dtype=np.int32)}
+         if getattr(model, "needs_index", False) else batch[0])
+    graph = tf.function(lambda: model.train_step((x, batch[1]))).get_concrete_function().graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2 / size
+
+
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     """Times each method's train step against keras.distillation's KD step."""
     import keras
@@ -133,6 +148,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         distiller.build_all()
         steps_to_time[method] = distiller
     rates = _fit_rates(steps_to_time, batch, args.steps, args.repeats)
+    work = {name: _step_multiply_adds(model, batch) for name, model in steps_to_time.items()}
     if args.pipeline_batches:
         from tfkd import data as data_lib
 
@@ -150,7 +166,12 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
         "training_images_per_second": rates,
-        "training_ratio_to_keras_distiller_kd": {k: round(v / base, 3) for k, v in rates.items()}}
+        "training_ratio_to_keras_distiller_kd": {k: round(v / base, 3) for k, v in rates.items()},
+        "training_step_multiply_adds_per_image": {k: round(v / 1e6, 2) for k, v in work.items()},
+        # the graph profiler counts the Keras Distiller's teacher twice (it calls the teacher in
+        # its loss and its metrics; grappler runs it once), so the work is compared with our kd's
+        "training_work_ratio_to_kd": {k: round(v / work["kd"], 3) for k, v in work.items()
+                                      if k != "keras_distiller_kd"} if "kd" in work else {}}
     if "student" in rates:
         result["training_ratio_to_student_alone"] = {k: round(v / rates["student"], 3)
                                                      for k, v in rates.items()}
@@ -180,13 +201,19 @@ def speed_markdown(result: dict[str, Any]) -> str:
     lines = [f"# Speed: {result['teacher']} -> {result['student']}, batch {result['batch_size']}", "",
              f"Training steps: best of {result['repeats']} timings of {result['steps']} steps each, "
              "the steps taking turns, on one in-memory batch (the step alone); the input pipeline "
-             "on the real data.", "",
-             "| step | images/s | vs Keras KD | vs student alone |", "| --- | --- | --- | --- |"]
+             "on the real data. Multiply-adds: one step's convolutions, their gradients and matrix "
+             "products per image, as TensorFlow's graph profiler counts them.", "",
+             "| step | images/s | vs Keras KD | vs student alone | multiply-adds per image (M) | "
+             "work vs `kd` |", "| --- | --- | --- | --- | --- | --- |"]
+    work = result.get("training_step_multiply_adds_per_image", {})
+    work_ratio = result.get("training_work_ratio_to_kd", {})
     for name, rate in rates.items():
         label = STEP_NAMES.get(name, f"`{name}`")
         ratio = to_student.get(name)
         lines.append(f"| {label} | {rate:,.1f} | {to_keras[name]:.3f} | "
-                     f"{'—' if ratio is None else f'{ratio:.3f}'} |")
+                     f"{'—' if ratio is None else f'{ratio:.3f}'} | "
+                     f"{work[name] if name in work and name != 'keras_distiller_kd' else '—'} | "
+                     f"{work_ratio[name] if name in work_ratio else '—'} |")
     latency = result.get("inference_batch1_ms")
     if latency:
         lines += ["", "Batch-1 inference latency (median ms):", "",
