@@ -167,7 +167,27 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     old epoch counter. Here each file is written to a temporary name and renamed, weights first
     and the counter last: a reader sees the previous backup or the new one, whole. (Relies on the
     callback's private paths and counters, checked against the pinned Keras 3.15.)
+
+    ``restore_from``: the backup folder to resume from, when it is not the one this process
+    writes. Multi-worker tasks other than the chief write to scratch folders of their own but
+    resume from the chief's backup, so every worker starts at the same epoch with the same
+    weights even when one of them was killed between the last step of an epoch and its backup.
     """
+
+    def __init__(self, backup_dir: str, *args: Any, restore_from: str | None = None, **kwargs: Any) -> None:
+        super().__init__(backup_dir, *args, **kwargs)
+        self._restore_from = restore_from
+
+    def _load_model(self) -> None:
+        if self._restore_from is None:
+            return super()._load_model()
+        own = self._weights_path, self._training_metadata_path
+        self._weights_path = str(Path(self._restore_from) / Path(own[0]).name)
+        self._training_metadata_path = str(Path(self._restore_from) / Path(own[1]).name)
+        try:
+            return super()._load_model()
+        finally:
+            self._weights_path, self._training_metadata_path = own
 
     def _save_model(self) -> None:
         Path(self.backup_dir).mkdir(parents=True, exist_ok=True)

@@ -119,10 +119,20 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def raise_if_interrupted() -> None:
+    """Raises ``KeyboardInterrupt`` if a signal arrived whose exception was swallowed on its way
+    up (Python ignores exceptions raised in ``__del__``, where a garbage-collected TensorFlow
+    function may be when the signal lands): call it before anything irreversible."""
+    if _RECEIVED:
+        raise KeyboardInterrupt(f"signal {_RECEIVED[0]}")
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
     """Holds SIGINT/SIGTERM back until the block ends (for the few renames that publish a result),
-    then raises ``KeyboardInterrupt`` if one arrived: the block is never cut in half."""
+    then raises ``KeyboardInterrupt`` if one arrived: the block is never cut in half. An interrupt
+    that arrived earlier (and was swallowed) stops the block before it starts."""
+    raise_if_interrupted()
     received: list[int] = []
     previous = {}
     try:
@@ -163,7 +173,9 @@ def run(body: Callable[[], int], interrupted: str = "interrupted") -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        return body()
+        code = body()
+        raise_if_interrupted()  # the body finished, but a swallowed interrupt still ends in 130
+        return code
     except SystemExit as exit_:  # argparse: --help (0) or a one-line usage error (2)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except BaseException as error:  # noqa: BLE001 - sorted into exit codes below

@@ -91,10 +91,16 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
+    chief_backup = Path(cfg.run_dir) / "backup" / stage
+    own_backup = out_dir / "backup" / stage
     cbs = [
         # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
-        # killed during the final evaluation resumes there instead of training again.
-        callbacks.AtomicBackupAndRestore(str(out_dir / "backup" / stage), delete_checkpoint=False),
+        # killed during the final evaluation resumes there instead of training again. Every
+        # worker resumes from the chief's backup: a worker killed between an epoch's last step
+        # and its own backup would otherwise restart an epoch behind the others.
+        callbacks.AtomicBackupAndRestore(
+            str(own_backup), delete_checkpoint=False,
+            restore_from=None if own_backup.resolve() == chief_backup.resolve() else str(chief_backup)),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
@@ -520,8 +526,8 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
     distill_now = cfg.stage in ("distill", "all")
     teachers_now = cfg.stage == "teacher" or (cfg.stage == "all" and bool(needed) and not given)
     given_loaded = load_teachers(cfg, data, strategy, given) if distill_now and given else None
-    # A non-chief worker writes its own copies (never read by users) in a folder of its own that
-    # survives a restart: its backups let it resume at the same epoch as the chief.
+    # A non-chief worker writes its own copies (never read by users) in a folder of its own; it
+    # resumes from the chief's backup (_fit), so all workers restart at the same epoch.
     out_dir = run_dir if chief else run_dir / ".workers" / task_name(strategy)
     try:
         lock = rundir.RunLock(out_dir, "python -m tfkd.train " + " ".join(sys.argv[1:])).acquire()
