@@ -309,3 +309,62 @@ def test_backup_is_replaced_whole_or_not_at_all(tmp_path):
     assert (backup / "latest.weights.h5").read_bytes() == saved
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
     assert not list(backup.glob(".tmp-*"))
+
+
+def test_a_worker_resumes_from_the_chiefs_backup_not_its_own(tmp_path):
+    """A non-chief worker killed between an epoch's last step and its own backup is an epoch
+    behind the chief: on restart it must take the chief's epoch and weights, or the workers'
+    collectives pair up wrongly (seen: 'Collective instance ... expected data_type 1 got 9')."""
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+
+    def model():
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        m.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    chief, worker = tmp_path / "backup", tmp_path / ".workers" / "worker-1" / "backup"
+    for folder, epochs in ((chief, 3), (worker, 2)):
+        keras.utils.set_random_seed(epochs)
+        m = model()
+        m.fit(x, y, epochs=epochs, verbose=0,
+              callbacks=[callbacks.AtomicBackupAndRestore(str(folder), delete_checkpoint=False)])
+    m = model()
+    m.load_weights(chief / "latest.weights.h5")
+    chief_weights = [w.numpy() for w in m.weights]
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.setdefault("epoch", epoch)
+            seen.setdefault("weights", [w.numpy() for w in self.model.weights])
+
+    resumed = model()
+    resumed.fit(x, y, epochs=5, verbose=0, callbacks=[
+        callbacks.AtomicBackupAndRestore(str(worker), delete_checkpoint=False, restore_from=str(chief)),
+        Probe()])
+    assert seen["epoch"] == 3
+    assert all(np.array_equal(a, b) for a, b in zip(seen["weights"], chief_weights))
+    assert json.loads((worker / "training_metadata.json").read_text())["epoch"] == 5  # writes its own
+    assert json.loads((chief / "training_metadata.json").read_text())["epoch"] == 3
+
+
+def test_an_interrupt_swallowed_on_its_way_up_still_exits_130_and_publishes_nothing(tmp_path, capsys):
+    """Python ignores an exception raised in ``__del__`` (where a garbage-collected TensorFlow
+    function may be when Ctrl-C lands): the command still exits 130 and nothing is published."""
+    from tfkd import cli, export
+
+    staged, out = tmp_path / "staged", tmp_path / "out"
+    staged.mkdir()
+    (staged / "model.tflite").write_bytes(b"new")
+
+    def body():
+        cli._RECEIVED.append(signal.SIGINT)  # what the handler records before raising
+        export.publish(staged, out)
+        return 0
+
+    assert cli.run(body, interrupted="interrupted; nothing was written") == 130
+    assert capsys.readouterr().err.strip() == "tfkd: interrupted; nothing was written"
+    assert not out.exists() and (staged / "model.tflite").read_bytes() == b"new"
+    assert cli.run(lambda: (cli._RECEIVED.append(signal.SIGTERM), 0)[1]) == 130
+    assert cli.run(lambda: 0) == 0  # a new command starts with no interrupt on record
