@@ -40,7 +40,8 @@ def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: i
     from tfkd import models
 
     if student.name not in models.REGISTRY:
-        raise ModelError(f"student {student.name!r} is not a zoo model; compress rebuilds zoo models only")
+        raise ModelError(f"student {student.name!r} is not a zoo model; compress rebuilds zoo models "
+                         "only (for a keras: network, tfkd.export's int8 formats quantize after training)")
     legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
     for layer in student.layers:
         if layer.weights:

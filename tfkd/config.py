@@ -26,6 +26,8 @@ from tfkd.options import option, section
 STAGES = ("teacher", "distill", "export", "all")
 EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+TEACHER_OUTPUTS = ("auto", "logits", "probabilities")
+TEACHER_INPUTS = ("auto", "0-255", "0-1", "-1-1", "imagenet", "dataset")
 #: Upper bounds that catch a mistyped count before it becomes a run that never ends.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
@@ -73,7 +75,11 @@ class OptimizerConfig:
 class TeacherConfig:
     """The reconstruction-augmented teacher (``teacher.*``)."""
 
-    model: str = option("resnet20", "teacher backbone from the model zoo")
+    model: str = option("resnet20", "teacher backbone: a zoo model or keras:NAME (a "
+                                    "keras.applications network with a new head)")
+    weights: Optional[str] = option(None, "keras:NAME only: the network's starting weights: unset "
+                                          "(random), imagenet (downloaded by Keras) or a weights file "
+                                          "of the network without its top")
     epochs: int = option(30, "training epochs")
     lambda_cls: float = option(1.0, "weight of the classification (cross-entropy) loss; 0 makes "
                                     "an autoencoder (MKTN Teacher1)")
@@ -93,7 +99,11 @@ class TeacherConfig:
 class StudentConfig:
     """The student (``student.*``)."""
 
-    model: str = option("resnet8", "student backbone from the model zoo")
+    model: str = option("resnet8", "student backbone: a zoo model or keras:NAME (a "
+                                   "keras.applications network with a new head)")
+    weights: Optional[str] = option(None, "keras:NAME only: the network's starting weights: unset "
+                                          "(random), imagenet or a weights file of the network "
+                                          "without its top")
     epochs: int = option(30, "training epochs")
     optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
 
@@ -109,6 +119,22 @@ def _distill_config() -> type:
         ("teachers", List[str], option([], "trained teacher files (.keras or run folders) in the "
                                            "method's order (mktn: the reconstruction teacher, then the "
                                            "classifier). Empty: the teachers of this run directory")),
+        ("teacher_layers", List[str], option([], "layers of a teacher that is not a tfkd model whose "
+                                                 "outputs are its stage feature maps, shallow to deep; "
+                                                 "empty: the last layer at each spatial resolution")),
+        ("student_layers", List[str], option([], "the same for a keras:NAME student (layer names of "
+                                                 "the keras.applications network)")),
+        ("teacher_output", str, option("auto", "what a teacher that is not a tfkd model outputs: "
+                                               "auto (read from its last layer's activation), logits "
+                                               "or probabilities", lambda v: v in TEACHER_OUTPUTS,
+                                       f"one of {', '.join(TEACHER_OUTPUTS)}")),
+        ("teacher_input", str, option("auto", "the pixels a teacher that is not a tfkd model takes: "
+                                              "auto (read from the model: a leading Rescaling or "
+                                              "Normalization layer means [0, 255]; else its run "
+                                              "folder's record, else this run's normalization, "
+                                              "with a note), 0-255, 0-1, -1-1, imagenet "
+                                              "(torchvision's mean/std) or dataset (this run's)",
+                                      lambda v: v in TEACHER_INPUTS, f"one of {', '.join(TEACHER_INPUTS)}")),
     ]
     for name, method in REGISTRY.items():
         if method.options is not None:
@@ -332,6 +358,16 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"option '{key}' = {value!r}: expected {expected}")
 
 
+def _check_weights(part: str, model: str, weights: Optional[str]) -> None:
+    if weights is None:
+        return
+    _check(model.startswith("keras:"), f"{part}.weights", weights,
+           f"unset: {part}.model {model} is a zoo model"
+           + (" (start the teacher from a trained classifier with teacher.init_from)" if part == "teacher" else ""))
+    _check(weights == "imagenet" or Path(weights).is_file(), f"{part}.weights", weights,
+           "imagenet or an existing weights file (.weights.h5 / .h5 of the network without its top)")
+
+
 def validate(config: RunConfig) -> None:
     """Checks choices and ranges; raises ``ConfigError`` naming the first bad key.
 
@@ -364,8 +400,8 @@ def validate(config: RunConfig) -> None:
            f"an integer from 1 to {MAX_BATCH}")
     _check(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "an integer >= 0")
     teacher = config.teacher
-    _check(teacher.model in models.REGISTRY, "teacher.model", teacher.model,
-           f"a zoo model ({', '.join(models.names())})")
+    _check(models.is_known(teacher.model), "teacher.model", teacher.model, models.expected_names())
+    _check_weights("teacher", teacher.model, teacher.weights)
     _check(1 <= teacher.epochs <= MAX_EPOCHS, "teacher.epochs", teacher.epochs,
            f"an integer from 1 to {MAX_EPOCHS}")
     _check(teacher.init_from is None or bool(str(teacher.init_from).strip()), "teacher.init_from",
@@ -377,8 +413,8 @@ def validate(config: RunConfig) -> None:
            teacher.lambda_cls + teacher.lambda_rec > 0, "teacher.lambda_cls/lambda_rec",
            (teacher.lambda_cls, teacher.lambda_rec), "non-negative weights, not both 0")
     student = config.student
-    _check(student.model in models.REGISTRY, "student.model", student.model,
-           f"a zoo model ({', '.join(models.names())})")
+    _check(models.is_known(student.model), "student.model", student.model, models.expected_names())
+    _check_weights("student", student.model, student.weights)
     _check(1 <= student.epochs <= MAX_EPOCHS, "student.epochs", student.epochs,
            f"an integer from 1 to {MAX_EPOCHS}")
     for name, opt in (("teacher", teacher.optimizer), ("student", student.optimizer)):

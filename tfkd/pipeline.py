@@ -157,16 +157,22 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     initial: dict[str, Any] = {}
     with strategy.scope():
         if tcfg.init_from:
-            backbone = load_teacher(tcfg.init_from, data, "init")
+            backbone = load_teacher(tcfg.init_from, data, "init", cfg.distill)
             backbone.trainable = True
             initial = _accuracies(backbone, data, batch)
             print(f"tfkd: {tcfg.init_from} starts the {name}: test top-1 "
                   f"{initial.get('init_test_accuracy', float('nan')):.2%} before the fine-tune")
         else:
-            backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+            backbone = models.get(tcfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm,
+                                  weights=tcfg.weights, normalization=(data.mean, data.std),
+                                  layers=cfg.distill.teacher_layers)
+        from tfkd.models import applications
+
+        fresh_head = applications.new_head_layers() if applications.is_application(tcfg.model) \
+            and not tcfg.init_from else ()
         teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
                                         pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
-                                        name=name)
+                                        head_layers=fresh_head, name=name)
         optimizer = _sgd(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs)
         separate = bool(tcfg.init_from) or tcfg.backbone_lr_scale != 1.0 or tcfg.freeze_epochs > 0
         backbone_optimizer = None
@@ -231,38 +237,43 @@ def _note(message: str) -> None:
     print(f"tfkd: note: {message}", flush=True)
 
 
-def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
+def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: Any = None) -> Any:
     """Loads a trained teacher (a ``.keras`` file, or a run folder holding ``teacher.keras``)
     in Keras's safe mode and returns its frozen backbone, fed what it expects; fails fast on
     any mismatch.
 
     ``role`` is what the method uses it for: ``reconstruction`` (cft's teacher, mktn's Teacher1:
     its features should come from reconstruction training) or ``teacher`` (its logits and
-    features). What the model takes is read from it (``tfkd.models.wrap``): a tfkd teacher its
-    stored normalization, a model starting with a preprocessing layer [0, 255] pixels, a zoo
-    model its run folder's normalization (``dataset.json``). A teacher trained on another dataset
-    is refused when its record says so (its normalization, ``dataset.json`` beside it, or the
-    class names of an imported model's ``<name>.json``); a teacher with no such record, or a
-    plain classifier where reconstruction features are expected, is accepted with a note.
+    features). Any functional Keras classifier is accepted: a model that is not a tfkd model is
+    tapped (``tfkd.models.taps``; ``distill.teacher_layers``, ``distill.teacher_output``). What
+    the model takes is read from it (``tfkd.models.wrap``) unless ``distill.teacher_input``
+    says: a tfkd teacher its stored normalization, a model starting with a preprocessing layer
+    [0, 255] pixels, a model with a run folder that folder's normalization (``dataset.json``).
+    A teacher trained on another dataset is refused when its record says so (its normalization,
+    ``dataset.json`` beside it, or the class names of an imported model's ``<name>.json``); a
+    teacher with no such record, or a plain classifier where reconstruction features are
+    expected, is accepted with a note. Every decision is logged.
     """
     from tfkd import io, rundir
     from tfkd.errors import ConfigError, ModelError
-    from tfkd.models import wrap
+    from tfkd.models import taps, wrap
     from tfkd.teacher import ReconstructionTeacher
 
+    layers = list(getattr(distill, "teacher_layers", []) or [])
+    output = getattr(distill, "teacher_output", "auto")
+    told_input = getattr(distill, "teacher_input", "auto")
     model, path = io.load_keras(path, "teacher.keras", "teacher")
     backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
-    output = getattr(backbone, "output", None)
-    if not isinstance(output, dict) or "logits" not in output or "features" not in output:
-        raise ModelError(f"{path}: not a tfkd teacher (expected a model with logits and stage "
-                         "features, as tfkd.train writes)")
-    classes = int(output["logits"].shape[-1])
+    if not taps.is_tfkd_model(backbone) or layers:
+        backbone, how = taps.tap(backbone, layers, output, path=str(path))
+        _note(f"{path}: {how}")
+    classes = int(backbone.output["logits"].shape[-1])
     if classes != data.num_classes:
         raise ModelError(f"{path}: the teacher has {classes} classes, dataset {data.name} has "
                          f"{data.num_classes}")
     if tuple(backbone.input_shape[1:]) != data.image_shape:
         raise ModelError(f"{path}: the teacher takes {tuple(backbone.input_shape[1:])} inputs, "
-                         f"the data is {data.image_shape}")
+                         f"the data is {data.image_shape} (set data.image_size to the teacher's size)")
     try:
         record = rundir.read_dataset_record(path.parent)
     except ConfigError as error:
@@ -277,7 +288,11 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
         raise ModelError(f"{path}: classifies {imported['class_names'][:3]}..., this run's {data.name} "
                          f"has {data.class_names[:3]}... (says {io.model_record_path(path)})")
     builtin = wrap.builtin_preprocessing(backbone)
-    if isinstance(model, ReconstructionTeacher):
+    if told_input not in ("auto", None):
+        convention = (wrap.InputConvention(tuple(data.mean.tolist()), tuple(data.std.tolist()), "told: dataset")
+                      if told_input == "dataset" else wrap.named(told_input, f"told: {told_input}"))
+        _note(f"{path}: feeding it {told_input} pixels (distill.teacher_input)")
+    elif isinstance(model, ReconstructionTeacher):
         gap = np.abs(np.array(model.pixel_mean) - data.mean).max()
         if gap > 0.05 * float(data.std.mean()):
             raise ModelError(f"{path}: the teacher was trained with pixel mean "
@@ -294,9 +309,10 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher") -> Any:
     else:
         convention = wrap.InputConvention(tuple(data.mean.tolist()), tuple(data.std.tolist()), "assumed")
         if imported is None:
-            _note(f"{path} holds no record of its training data (no dataset.json beside it): "
-                  f"assuming it was trained on {data.name}'s {data.num_classes} classes in this "
-                  "order, with this run's normalization")
+            _note(f"{path} holds no record of its training data (no dataset.json beside it) and "
+                  f"does not start with a preprocessing layer: assuming it was trained on "
+                  f"{data.name}'s {data.num_classes} classes in this order, with this run's "
+                  "normalization (say otherwise with distill.teacher_input)")
     reconstructs = isinstance(model, ReconstructionTeacher) and model.lambda_rec > 0
     classifies = not isinstance(model, ReconstructionTeacher) or model.lambda_cls > 0
     if role == "reconstruction" and not reconstructs:
@@ -334,7 +350,7 @@ def load_teachers(cfg: config_lib.RunConfig, data: Any, strategy: Any,
                   teacher_paths: Sequence[str | Path]) -> list[Any]:
     """The method's teachers, loaded and checked (``load_teacher``) in ``strategy``'s scope."""
     with strategy.scope():
-        return [load_teacher(p, data, role) for p, role in
+        return [load_teacher(p, data, role, cfg.distill) for p, role in
                 zip(teacher_paths, teacher_roles(cfg.distill.method))]
 
 
@@ -349,7 +365,9 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     if teachers is None:
         teachers = load_teachers(cfg, data, strategy, teacher_paths)
     with strategy.scope():
-        student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm)
+        student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm,
+                             weights=scfg.weights, normalization=(data.mean, data.std),
+                             layers=cfg.distill.student_layers)
         steps_per_epoch = len(data.train_labels) // batch
         distiller = build_distiller(cfg, student, teachers, steps_per_epoch, data.train_labels)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)

@@ -26,15 +26,16 @@ def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
 
     One step per factor of 2 between feature and image size (x2 nearest upsample, 3x3 conv
     halving the channels down to ``min_channels``, batch norm, ReLU), then a linear 3x3 conv to
-    the image's channels: it predicts the normalized image, which is unbounded.
+    the image's channels: it predicts the normalized image, which is unbounded. When the ratio
+    is not a power of 2 (a 100-px input over a 4-px map) the doublings overshoot and a bilinear
+    resize lands on the image size.
     ``sync_bn`` synchronizes batch statistics across replicas, like the backbone's option.
     """
-    height, _, channels = feature_shape
-    ratio = image_shape[0] / height
-    steps = round(math.log2(ratio)) if ratio >= 1 else -1
-    if steps < 0 or 2**steps * height != image_shape[0]:
-        raise ValueError(f"cannot decode a {height}-px feature map to a {image_shape[0]}-px image: "
-                         "the ratio must be a power of 2")
+    height, width, channels = feature_shape
+    ratio = max(image_shape[0] / height, image_shape[1] / width)
+    if ratio < 1:
+        raise ValueError(f"cannot decode a {height}-px feature map to a smaller {image_shape[0]}-px image")
+    steps = math.ceil(math.log2(ratio) - 1e-9)
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     x = inputs
     for step in range(steps):
@@ -43,6 +44,9 @@ def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
         x = conv(keras, channels, 3, name=f"up{step + 1}_conv")(x)
         x = batch_norm(keras, sync_bn, name=f"up{step + 1}_bn")(x)
         x = keras.layers.ReLU(name=f"up{step + 1}_relu")(x)
+    if (height * 2**steps, width * 2**steps) != tuple(image_shape[:2]):
+        x = keras.layers.Resizing(int(image_shape[0]), int(image_shape[1]), interpolation="bilinear",
+                                  name="to_image_size")(x)
     outputs = keras.layers.Conv2D(image_shape[-1], 3, padding="same", name="reconstruction")(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -58,6 +62,8 @@ class ReconstructionTeacher(keras.Model):
         lambda_rec: weight of the reconstruction MSE (on normalized pixels).
         pixel_mean, pixel_std: the input normalization, per channel, on the [0, 255] scale;
             used to report reconstruction PSNR in pixel units.
+        head_layers: layers of the backbone that are new on a pretrained network (its fresh
+            classification head): with a ``backbone_optimizer`` they train with the decoder.
 
     ``call`` returns ``{"logits", "features", "reconstruction"}``. When ``lambda_rec`` is 0 the
     decoder is skipped in training (``reconstruction`` is None there): a plain classifier does
@@ -67,8 +73,10 @@ class ReconstructionTeacher(keras.Model):
     def __init__(self, backbone: keras.Model, decoder: keras.Model | None = None,
                  lambda_cls: float = 1.0, lambda_rec: float = 1.0,
                  pixel_mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0), **kwargs: Any) -> None:
+                 pixel_std: Sequence[float] = (1.0, 1.0, 1.0), head_layers: Sequence[str] = (),
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.head_layers = [str(n) for n in head_layers]
         self.backbone = backbone
         image_shape = tuple(backbone.input_shape[1:])
         feature_shape = tuple(backbone.output["features"][-1].shape[1:])
@@ -127,9 +135,11 @@ class ReconstructionTeacher(keras.Model):
     def _variable_groups(self) -> list[tuple[Any, list[tf.Variable]]]:
         if getattr(self, "backbone_optimizer", None) is None:
             return [(self.optimizer, list(self.trainable_variables))]
-        mine = {id(v) for v in self.backbone.trainable_variables}
+        head = {id(v) for name in self.head_layers for v in self.backbone.get_layer(name).trainable_variables}
+        pretrained = [v for v in self.backbone.trainable_variables if id(v) not in head]
+        mine = {id(v) for v in pretrained}
         return [(self.optimizer, [v for v in self.trainable_variables if id(v) not in mine]),
-                (self.backbone_optimizer, list(self.backbone.trainable_variables))]
+                (self.backbone_optimizer, pretrained)]
 
     def get_compile_config(self) -> None:
         """No compile state is saved: a loaded teacher is used frozen, or compiled again."""
@@ -170,6 +180,7 @@ class ReconstructionTeacher(keras.Model):
             "decoder": keras.saving.serialize_keras_object(self.decoder),
             "lambda_cls": self.lambda_cls, "lambda_rec": self.lambda_rec,
             "pixel_mean": self.pixel_mean, "pixel_std": self.pixel_std,
+            "head_layers": self.head_layers,
         })
         return config
 

@@ -6,6 +6,7 @@ classification and one feature map per stage, shallow to deep, for distillation.
 
 The registry is plain data (name -> builder module, function and arguments), so option
 validation can check a model name without importing Keras; ``get`` imports the builder.
+``keras:NAME`` names a ``keras.applications`` network with a new head (``tfkd.models.applications``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,34 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def is_known(name: str) -> bool:
+    """A zoo model or a ``keras:NAME`` network (checked without importing Keras)."""
+    from tfkd.models import applications
+
+    return name in REGISTRY or applications.is_application(name)
+
+
+def expected_names() -> str:
+    """What a model option may say, for error messages."""
+    return f"a zoo model ({', '.join(names())}) or keras:NAME (README, 'Your own model')"
+
+
 def get(name: str, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
-        sync_bn: bool = False, api: ModuleType | None = None) -> Any:
+        sync_bn: bool = False, api: ModuleType | None = None, weights: str | None = None,
+        normalization: tuple[Sequence[float], Sequence[float]] | None = None,
+        layers: Sequence[str] = ()) -> Any:
     """Builds the registered model ``name`` for ``num_classes`` classes.
 
-    Raises ``KeyError`` naming the known models when ``name`` is not registered.
+    ``keras:NAME`` networks also take ``weights`` (None, ``imagenet`` or a file),
+    ``normalization`` (the run's mean and std, which their feed layer maps onto the network's
+    own convention) and ``layers`` (named taps). Raises ``KeyError`` naming the known models
+    when ``name`` is not registered.
     """
+    from tfkd.models import applications
+
+    if name.startswith(applications.PREFIX):
+        return applications.build(name, num_classes, input_shape, weights=weights,
+                                  normalization=normalization, layers=layers, api=api)
     if name not in REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}")
     module, function, args, kwargs = REGISTRY[name]

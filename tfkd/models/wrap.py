@@ -36,6 +36,22 @@ def pixels(reason: str, channels: int = 3) -> InputConvention:
     return InputConvention((0.0,) * channels, (1.0,) * channels, reason)
 
 
+#: The input conventions a user can name (``distill.teacher_input``), on the [0, 255] scale.
+NAMED = {
+    "0-255": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "0-1": ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0)),
+    "-1-1": ((127.5, 127.5, 127.5), (127.5, 127.5, 127.5)),
+    # torchvision's (and keras.applications' 'torch' mode) ImageNet statistics on [0, 1] pixels
+    "imagenet": ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)),
+}
+
+
+def named(name: str, reason: str) -> InputConvention:
+    """One of ``NAMED``'s conventions."""
+    mean, std = NAMED[name]
+    return InputConvention(mean, std, reason)
+
+
 PREPROCESSING_LAYERS = ("Rescaling", "Normalization")
 
 
@@ -59,23 +75,37 @@ def builtin_preprocessing(model: Any) -> str | None:
     return None
 
 
+def _affine(data_mean: Sequence[float], data_std: Sequence[float],
+            convention: InputConvention) -> tuple[np.ndarray, np.ndarray]:
+    d_mean, d_std = np.asarray(data_mean, np.float64), np.asarray(data_std, np.float64)
+    t_mean, t_std = np.asarray(convention.mean, np.float64), np.asarray(convention.std, np.float64)
+    return d_std / t_std, (d_mean - t_mean) / t_std  # model_x = x * scale + shift
+
+
+def feed_layer(data_mean: Sequence[float], data_std: Sequence[float], convention: InputConvention,
+               name: str = "feed") -> Any:
+    """The layer turning run-normalized images (``data_mean``/``data_std``) into what
+    ``convention`` says (an identity layer when the two agree)."""
+    import keras
+
+    scale, shift = _affine(data_mean, data_std, convention)
+    if np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(shift, 0.0, rtol=0, atol=1e-7):
+        return keras.layers.Identity(name=name)
+    # Normalization computes (x - m) / sqrt(v): m = -shift / scale, v = 1 / scale^2 gives x*scale + shift
+    return keras.layers.Normalization(mean=list(-shift / scale), variance=list(1.0 / scale**2), name=name)
+
+
 def feed(model: Any, data_mean: Sequence[float], data_std: Sequence[float],
          convention: InputConvention, name: str | None = None) -> Any:
     """``model`` behind a layer that turns run-normalized images (``data_mean``/``data_std``)
     into what ``convention`` says it takes; ``model`` itself when the two agree."""
     import keras
 
-    d_mean, d_std = np.asarray(data_mean, np.float64), np.asarray(data_std, np.float64)
-    t_mean, t_std = np.asarray(convention.mean, np.float64), np.asarray(convention.std, np.float64)
-    scale = d_std / t_std          # teacher_x = x * scale + shift
-    shift = (d_mean - t_mean) / t_std
+    scale, shift = _affine(data_mean, data_std, convention)
     if np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(shift, 0.0, rtol=0, atol=1e-7):
         return model
     images = keras.Input(tuple(model.input_shape[1:]), name="images")
-    # Normalization computes (x - m) / sqrt(v): m = -shift / scale, v = 1 / scale^2 gives x*scale + shift
-    converted = keras.layers.Normalization(mean=list(-shift / scale), variance=list(1.0 / scale**2),
-                                           name="feed")(images)
-    outputs = model(converted)
+    outputs = model(feed_layer(data_mean, data_std, convention)(images))
     return keras.Model(images, outputs, name=name or model.name)
 
 
