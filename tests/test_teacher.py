@@ -24,8 +24,11 @@ def test_decoder_upsamples_last_stage_to_image():
     decoder = build_decoder((8, 8, 64), (32, 32, 3))
     assert [l.name for l in decoder.layers if isinstance(l, keras.layers.UpSampling2D)] == ["up1", "up2"]
     assert tuple(decoder(np.zeros((1, 8, 8, 64), np.float32)).shape) == (1, 32, 32, 3)
-    with pytest.raises(ValueError, match="power of 2"):
-        build_decoder((6, 6, 64), (32, 32, 3))
+    odd = build_decoder((6, 6, 64), (32, 32, 3))  # not a power of 2: 3 doublings to 48, resized to 32
+    assert [l.name for l in odd.layers if isinstance(l, keras.layers.UpSampling2D)] == ["up1", "up2", "up3"]
+    assert tuple(odd(np.zeros((1, 6, 6, 64), np.float32)).shape) == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="smaller"):
+        build_decoder((64, 64, 8), (32, 32, 3))
 
 
 def test_teacher_loss_matches_numpy_reference():

@@ -598,6 +598,9 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
         if distill_now:
             stage = stages[-1]
             if not _skip(stage):
+                # again, now that the teacher stage is over: a non-chief worker reads the copy it
+                # has just written itself, never the chief's (which may not be written yet)
+                teacher_paths = given or [_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan]
                 settings = rundir.stage_settings(cfg, "distill", teachers=teacher_paths)
                 if chief:
                     rundir.write_record(run_dir, "distill", settings, "training")

@@ -197,6 +197,15 @@ def named_taps(model: Any, names: Sequence[str], key: str) -> list[Any]:
     return found
 
 
+def _layer_graph_or_error(model: Any, path: str) -> None:
+    try:
+        _layer_graph(model, path)
+        model.output  # noqa: B018 - a Sequential never called has none
+    except (AttributeError, ValueError):
+        raise ModelError(f"{path}: not a tfkd teacher, nor a classifier with a layer graph tfkd can "
+                         "tap (a model never built or called)") from None
+
+
 def _choose(model: Any, names: Sequence[str], key: str) -> tuple[Any, list[Any]]:
     """(the model holding the taps: ``model`` or a backbone nested in it, the tapped layers)."""
     if names:
@@ -251,7 +260,7 @@ def tap(model: Any, layers: Sequence[str] = (), output: str = "auto", path: str 
     description of what was read (for the log). A backbone nested in the model (a
     ``keras.applications`` network called as a layer) is tapped inside."""
     path = path or model.name
-    _layer_graph(model, path)
+    _layer_graph_or_error(model, path)
     holder, chosen = _choose(model, layers, key)
     if holder is model:
         graph, features, preact = model, [layer.output for layer in chosen], [preactivation(layer) for layer in chosen]

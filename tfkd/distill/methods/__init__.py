@@ -127,9 +127,14 @@ def teachers_needed(method: str) -> int:
 
 def reads_option(method: str, option: str) -> bool:
     """Whether ``method`` reads ``distill.<option>`` (dotted sub-keys allowed): its own
-    sections, ``method`` and ``teachers``."""
+    sections, ``method``, ``teachers`` and how the teachers and the student are read (their
+    taps, scores and input convention: they change what every method distills)."""
     top = option.split(".", 1)[0]
-    return top in ("method", "teachers") or top in resolve(method).namespaces
+    return top in ("method", "teachers", *MODEL_READING) or top in resolve(method).namespaces
+
+
+#: ``distill.*`` options about reading the models, shared by every method.
+MODEL_READING = ("teacher_layers", "student_layers", "teacher_output", "teacher_input")
 
 
 #: Flat ``distill.*`` keys of tfkd before methods had namespaces -> (default owner, new key).
