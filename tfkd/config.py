@@ -26,8 +26,6 @@ from tfkd.options import option, section
 STAGES = ("teacher", "distill", "export", "all")
 EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-TEACHER_OUTPUTS = ("auto", "logits", "probabilities")
-TEACHER_INPUTS = ("auto", "0-255", "0-1", "-1-1", "imagenet", "dataset")
 #: Upper bounds that catch a mistyped count before it becomes a run that never ends.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
@@ -112,6 +110,7 @@ def _distill_config() -> type:
     """``distill.*``: the method, its teachers, and one section of options per registered method
     (``distill.<method>.*``), declared in the method's own module."""
     from tfkd.distill.methods import REGISTRY
+    from tfkd.models import wrap
 
     fields: list[Any] = [
         ("method", str, option("cft", "a method (student, kd, fitnet, at, cft, mktn, dkd, dist, ofd, "
@@ -126,15 +125,15 @@ def _distill_config() -> type:
                                                  "the keras.applications network)")),
         ("teacher_output", str, option("auto", "what a teacher that is not a tfkd model outputs: "
                                                "auto (read from its last layer's activation), logits "
-                                               "or probabilities", lambda v: v in TEACHER_OUTPUTS,
-                                       f"one of {', '.join(TEACHER_OUTPUTS)}")),
+                                               "or probabilities", lambda v: v in wrap.OUTPUT_CHOICES,
+                                       f"one of {', '.join(wrap.OUTPUT_CHOICES)}")),
         ("teacher_input", str, option("auto", "the pixels a teacher that is not a tfkd model takes: "
                                               "auto (read from the model: a leading Rescaling or "
                                               "Normalization layer means [0, 255]; else its run "
                                               "folder's record, else this run's normalization, "
                                               "with a note), 0-255, 0-1, -1-1, imagenet "
                                               "(torchvision's mean/std) or dataset (this run's)",
-                                      lambda v: v in TEACHER_INPUTS, f"one of {', '.join(TEACHER_INPUTS)}")),
+                                      lambda v: v in wrap.INPUT_CHOICES, f"one of {', '.join(wrap.INPUT_CHOICES)}")),
     ]
     for name, method in REGISTRY.items():
         if method.options is not None:

@@ -168,7 +168,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                                   layers=cfg.distill.teacher_layers)
         from tfkd.models import applications
 
-        fresh_head = applications.new_head_layers() if applications.is_application(tcfg.model) \
+        fresh_head = applications.HEAD_LAYERS if applications.is_application(tcfg.model) \
             and not tcfg.init_from else ()
         teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
                                         pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
@@ -259,9 +259,8 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
     from tfkd.models import taps, wrap
     from tfkd.teacher import ReconstructionTeacher
 
-    layers = list(getattr(distill, "teacher_layers", []) or [])
-    output = getattr(distill, "teacher_output", "auto")
-    told_input = getattr(distill, "teacher_input", "auto")
+    distill = distill if distill is not None else config_lib.DistillConfig()
+    layers, output, told_input = list(distill.teacher_layers), distill.teacher_output, distill.teacher_input
     model, path = io.load_keras(path, "teacher.keras", "teacher")
     backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
     if not taps.is_tfkd_model(backbone) or layers:
@@ -288,7 +287,7 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
         raise ModelError(f"{path}: classifies {imported['class_names'][:3]}..., this run's {data.name} "
                          f"has {data.class_names[:3]}... (says {io.model_record_path(path)})")
     builtin = wrap.builtin_preprocessing(backbone)
-    if told_input not in ("auto", None):
+    if told_input != "auto":
         convention = (wrap.InputConvention(tuple(data.mean.tolist()), tuple(data.std.tolist()), "told: dataset")
                       if told_input == "dataset" else wrap.named(told_input, f"told: {told_input}"))
         _note(f"{path}: feeding it {told_input} pixels (distill.teacher_input)")

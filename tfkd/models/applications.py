@@ -19,6 +19,9 @@ from types import ModuleType
 from typing import Any, Sequence
 
 PREFIX = "keras:"
+#: The layers ``build`` puts on top of the network that hold weights: new even when the network
+#: is pretrained, so they train at the full rate (``ReconstructionTeacher.head_layers``).
+HEAD_LAYERS = ("logits",)
 
 #: keras.applications network -> the input convention it takes (``tfkd.models.wrap.NAMED``).
 NETWORKS: dict[str, str] = {
@@ -50,8 +53,7 @@ def model_name(name: str) -> str:
 
 def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3),
           weights: str | None = None, normalization: tuple[Sequence[float], Sequence[float]] | None = None,
-          layers: Sequence[str] = (), dropout: float = 0.0, api: ModuleType | None = None,
-          **_: Any) -> Any:
+          layers: Sequence[str] = (), api: ModuleType | None = None) -> Any:
     """The tfkd model of ``keras:NAME``: ``{"logits", "features", "preact"}``.
 
     ``normalization``: the (mean, std) the run normalizes its images with; the feed layer maps
@@ -94,14 +96,6 @@ def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3
         x = wrap.feed_layer(normalization[0], normalization[1], convention)(images)
     out = body(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(out["features"][-1])
-    if dropout:
-        pooled = keras.layers.Dropout(dropout, name="head_dropout")(pooled)
     logits = keras.layers.Dense(num_classes, name="logits")(pooled)
     return keras.Model(images, {"logits": logits, "features": list(out["features"]),
                                 "preact": list(out["preact"])}, name=model_name(name))
-
-
-def new_head_layers() -> tuple[str, ...]:
-    """The layers ``build`` adds on top of the network (trained at the full rate when the
-    network is pretrained)."""
-    return ("logits",)

@@ -26,21 +26,31 @@ import keras
 from keras.src.models.functional import Functional
 
 from tfkd.errors import ModelError
-
-#: What ``output`` may say the model's last layer gives: read it from the model, or say it.
-OUTPUT_KINDS = ("auto", "logits", "probabilities")
+from tfkd.models.wrap import OUTPUT_CHOICES
 
 #: Layers that border or reshape a map without computing a feature: never a stage's output.
 _NOT_STAGES = ("ZeroPadding2D", "Cropping2D", "InputLayer", "Rescaling", "Normalization", "Resizing")
 #: Layers that start a classifier head: the stages end before them.
 _HEAD_STARTS = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
-#: Layers whose output is a new feature map: the main path starts at the first of them.
-_COMPUTES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Sequential", "Functional")
+#: Layers whose output is a new feature map: the main path starts at the first of them (or at
+#: a nested model, such as ConvNeXt's stem).
+_COMPUTES = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+
+
+def _is_graph(layer: Any) -> bool:
+    return isinstance(layer, (Functional, keras.Sequential))
 
 
 def _layer_graph(model: Any, path: str) -> None:
-    graph = isinstance(model, (Functional, keras.Sequential))
-    inputs = getattr(model, "inputs", None) if graph else None
+    """Refuses, in one line, a model tfkd cannot tap: subclassed, never built, not one image input."""
+    inputs = None
+    if _is_graph(model):
+        try:
+            inputs = model.inputs
+            model.output  # noqa: B018 - a Sequential never called has none
+        except (AttributeError, ValueError):
+            raise ModelError(f"{path}: not a tfkd teacher, nor a classifier with a layer graph tfkd "
+                             "can tap (a model never built or called)") from None
     if not inputs:
         raise ModelError(
             f"{path}: a subclassed model with no layer graph ({type(model).__name__}): tfkd reads "
@@ -94,9 +104,9 @@ def output_kind(model: Any) -> tuple[str, str]:
 
 
 def logits_tensor(model: Any, kind: str = "auto") -> tuple[Any, str]:
-    """The tensor of the model's logits and how it was found (``kind``: ``OUTPUT_KINDS``)."""
-    if kind not in OUTPUT_KINDS:
-        raise ModelError(f"teacher_output = {kind!r}: expected one of {', '.join(OUTPUT_KINDS)}")
+    """The tensor of the model's logits and how it was found (``kind``: ``OUTPUT_CHOICES``)."""
+    if kind not in OUTPUT_CHOICES:
+        raise ModelError(f"teacher_output = {kind!r}: expected one of {', '.join(OUTPUT_CHOICES)}")
     scores = _scores(model)
     how = ""
     if kind == "auto":
@@ -159,7 +169,7 @@ def default_taps(model: Any) -> list[Any]:
     for layer in layers:
         kind = type(layer).__name__
         if not started:
-            started = kind in _COMPUTES or (hasattr(layer, "layers") and hasattr(layer, "inputs"))
+            started = kind in _COMPUTES or _is_graph(layer)
             if not started:
                 continue
         if kind in _NOT_STAGES:
@@ -177,7 +187,11 @@ def default_taps(model: Any) -> list[Any]:
 
 def _nested(model: Any) -> list[Any]:
     """The functional models used as layers of ``model`` (a backbone inside a classifier)."""
-    return [layer for layer in model.layers if isinstance(layer, (Functional, keras.Sequential))]
+    return [layer for layer in model.layers if _is_graph(layer)]
+
+
+def _similar(asked: str, name: str) -> bool:
+    return asked.lower() in name.lower() or name.lower().startswith(asked.lower()[:7])
 
 
 def named_taps(model: Any, names: Sequence[str], key: str) -> list[Any]:
@@ -187,7 +201,7 @@ def named_taps(model: Any, names: Sequence[str], key: str) -> list[Any]:
     for name in names:
         layer = known.get(name)
         if layer is None:
-            near = [n for n in known if name.lower() in n.lower()][:5]
+            near = [n for n in known if _similar(name, n)][:5]
             raise ModelError(f"{key}: {model.name} has no layer {name!r}"
                              + (f" (similar: {', '.join(near)})" if near else ""))
         if _spatial(layer.output) is None:
@@ -197,31 +211,15 @@ def named_taps(model: Any, names: Sequence[str], key: str) -> list[Any]:
     return found
 
 
-def _layer_graph_or_error(model: Any, path: str) -> None:
-    try:
-        _layer_graph(model, path)
-        model.output  # noqa: B018 - a Sequential never called has none
-    except (AttributeError, ValueError):
-        raise ModelError(f"{path}: not a tfkd teacher, nor a classifier with a layer graph tfkd can "
-                         "tap (a model never built or called)") from None
-
-
 def _choose(model: Any, names: Sequence[str], key: str) -> tuple[Any, list[Any]]:
     """(the model holding the taps: ``model`` or a backbone nested in it, the tapped layers)."""
-    if names:
-        holders = [model, *_nested(model)]
-        for holder in holders:
-            if all(any(layer.name == n for layer in holder.layers) for n in names):
-                return holder, named_taps(holder, names, key)
-        missing = next((n for n in names if not any(layer.name == n for h in holders for layer in h.layers)), None)
-        if missing is None:
-            raise ModelError(f"{key}: the layers {list(names)} are not all in one model of {model.name}")
-        everything = [layer.name for h in holders for layer in h.layers]
-        near = [n for n in everything if missing.lower() in n.lower() or n.lower().startswith(missing.lower()[:7])][:5]
-        raise ModelError(f"{key}: {model.name} has no layer {missing!r}"
-                         + (f" (similar: {', '.join(near)})" if near else ""))
+    if names:  # the model, or the nested backbone, holding most of them (errors name the rest)
+        holder = max([model, *_nested(model)], key=lambda h: (
+            sum(any(layer.name == n for layer in h.layers) for n in names),
+            sum(any(_similar(n, layer.name) for layer in h.layers) for n in names)))
+        return holder, named_taps(holder, names, key)
     head_input = _head_input(model)
-    if head_input is not None and isinstance(_producer(head_input), (Functional, keras.Sequential)):
+    if head_input is not None and _is_graph(_producer(head_input)):
         return _choose(_producer(head_input), names, key)
     return model, default_taps(model)
 
@@ -260,7 +258,7 @@ def tap(model: Any, layers: Sequence[str] = (), output: str = "auto", path: str 
     description of what was read (for the log). A backbone nested in the model (a
     ``keras.applications`` network called as a layer) is tapped inside."""
     path = path or model.name
-    _layer_graph_or_error(model, path)
+    _layer_graph(model, path)
     holder, chosen = _choose(model, layers, key)
     if holder is model:
         graph, features, preact = model, [layer.output for layer in chosen], [preactivation(layer) for layer in chosen]

@@ -46,6 +46,12 @@ NAMED = {
 }
 
 
+#: What a teacher's input option may say: read it (``auto``), a named convention, or this run's.
+INPUT_CHOICES = ("auto", *NAMED, "dataset")
+#: What a teacher's output option may say (``tfkd.models.taps``): read it, or say it.
+OUTPUT_CHOICES = ("auto", "logits", "probabilities")
+
+
 def named(name: str, reason: str) -> InputConvention:
     """One of ``NAMED``'s conventions."""
     mean, std = NAMED[name]
@@ -101,11 +107,11 @@ def feed(model: Any, data_mean: Sequence[float], data_std: Sequence[float],
     into what ``convention`` says it takes; ``model`` itself when the two agree."""
     import keras
 
-    scale, shift = _affine(data_mean, data_std, convention)
-    if np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(shift, 0.0, rtol=0, atol=1e-7):
+    layer = feed_layer(data_mean, data_std, convention)
+    if isinstance(layer, keras.layers.Identity):
         return model
     images = keras.Input(tuple(model.input_shape[1:]), name="images")
-    outputs = model(feed_layer(data_mean, data_std, convention)(images))
+    outputs = model(layer(images))
     return keras.Model(images, outputs, name=name or model.name)
 
 
