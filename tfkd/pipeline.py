@@ -554,8 +554,12 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
         print(f"tfkd: {out_dir}: took over the lock of process {lock.took_over.get('pid')}, which "
               "is no longer running")
     try:
-        teacher_paths = given or ([_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan]
-                                  if needed else [])
+        def run_teachers() -> list[Any]:
+            """The distill stage's teachers: given, or this run's (a non-chief worker's own copies)."""
+            return given or ([_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan]
+                             if needed else [])
+
+        teacher_paths = run_teachers()
         stages = [_Stage(name, run_dir / f"{name}.keras", rundir.stage_settings(
                       cfg, name, None if lc is None else (lc, lr))) for name, lc, lr in plan] \
             if teachers_now else []
@@ -599,7 +603,7 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
             if not _skip(stage):
                 # again, now that the teacher stage is over: a non-chief worker reads the copy it
                 # has just written itself, never the chief's (which may not be written yet)
-                teacher_paths = given or [_trained_teacher(run_dir, out_dir, name) for name, _, _ in plan]
+                teacher_paths = run_teachers()
                 settings = rundir.stage_settings(cfg, "distill", teachers=teacher_paths)
                 if chief:
                     rundir.write_record(run_dir, "distill", settings, "training")
