@@ -132,12 +132,12 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         raise ModelError(f"{run_dir / 'dataset.json'}: damaged ({error})") from None
     teacher = load_teacher(teacher_path, data) if teacher_path else None
     legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes)
-    gap, allowed = parity(student, legacy, data.normalize(data.test_images[:64]).numpy())
+    gap, allowed = parity(student, legacy, data.normalize(data.pixels("test", 64)[0]).numpy())
     if not gap <= allowed:
         raise ModelError(f"tf_keras rebuild of {student.name} differs from the Keras 3 model by "
                          f"{gap:.2e} (allowed {allowed:.2e})")
     logits_model = tf_keras.Model(legacy.input, legacy.output["logits"], name=student.name)
-    steps = len(data.train_labels) // batch_size * epochs
+    steps = data.steps_per_epoch(batch_size) * epochs
     if method == "qat":
         model = tfmot.quantization.keras.quantize_model(logits_model)
         callbacks: list[Any] = []
@@ -160,13 +160,8 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
                             f"in epoch {len(losses)}; lower --learning-rate (nothing was written)")
     if method == "prune":
         model = tfmot.sparsity.keras.strip_pruning(model)
-    images, labels = data.test_images, data.test_labels
-    if max_test_images:
-        images, labels = images[:max_test_images], labels[:max_test_images]
     reference = export.deployable(student, info["mean"], info["std"])
-    keras_logits = reference.predict(images.astype(np.float32), batch_size=256, verbose=0)["logits"]
-    rng = np.random.default_rng(0)
-    calibration = data.train_images[rng.permutation(len(data.train_images))[:representative]]
+    calibration = data.sample("train", representative, seed=0)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as scratch:
         saved = Path(scratch) / "saved_model"
         save_deployable(model, info["mean"], info["std"], saved)
@@ -174,8 +169,9 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         staging = Path(scratch) / "out"
         staging.mkdir()
         (staging / export.FILES["int8"]).write_bytes(tflite)
-        report = export.verify(staging, ["int8"], keras_logits, images, labels, 1.0, 20)["int8"]
-        float_top1 = float(np.mean(keras_logits.argmax(1) == labels))
+        reports, keras = export.verify(staging, ["int8"], lambda x: reference(x, training=False)["logits"].numpy(),
+                                       data.pixel_batches("test", 256, max_test_images), 1.0, 20)
+        report, float_top1 = reports["int8"], keras["top1"]
         if report["top1"] < float_top1 - max_drop:
             raise ExportError(f"the {method} int8 model reaches {report['top1']:.2%} top-1 against "
                               f"{float_top1:.2%} for the float student (more than --max-drop "
@@ -186,7 +182,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         result = {
             "method": method, "epochs": epochs, "teacher": str(teacher_path) if teacher_path else None,
             "kd_alpha": kd_alpha if teacher is not None else 0.0, "parity_max_abs_logit_diff": gap,
-            "parity_allowed": allowed, "fine_tune_seconds": seconds, "test_images": int(len(labels)),
+            "parity_allowed": allowed, "fine_tune_seconds": seconds, "test_images": int(keras["images"]),
             "fine_tune_loss": [float(v) for v in losses], "max_drop": max_drop,
             "float_keras_top1": float_top1,
             "compressed_int8": report,

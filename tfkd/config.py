@@ -24,8 +24,9 @@ from tfkd.errors import ConfigError
 from tfkd.options import option, section
 
 STAGES = ("teacher", "distill", "export", "all")
-EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx")
+EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx", "onnx_int8")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+PIPELINES = ("auto", "memory", "streaming")
 #: Upper bounds that catch a mistyped count before it becomes a run that never ends.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
@@ -35,21 +36,40 @@ MAX_BATCH = 65_536
 class DataConfig:
     """The dataset and its input pipeline (``data.*``)."""
 
-    dataset: str = option("digits", "cifar10, cifar100, digits (bundled, offline) or folder:PATH "
-                                    "(PATH/train/<class>/*, PATH/test/<class>/*)")
-    data_dir: Optional[str] = option(None, "folder with the canonical CIFAR python batches "
-                                           "(cifar-10-batches-py or cifar-100-python); unset: "
-                                           "TensorFlow Datasets")
-    image_size: int = option(32, "side in pixels the images are resized to (folder datasets); "
-                                 "the models' input size")
+    dataset: str = option("digits", "cifar10, cifar100, digits (bundled, offline), folder:PATH "
+                                    "(PATH/train/<class>/* and PATH/test/<class>/*, or PATH/<class>/*) "
+                                    "or tfds:NAME (a TensorFlow Datasets image classification dataset)")
+    data_dir: Optional[str] = option(None, "cifar10/cifar100: folder with the canonical python "
+                                           "batches (cifar-10-batches-py or cifar-100-python); "
+                                           "tfds:NAME: the TensorFlow Datasets folder it is prepared "
+                                           "in; unset: TensorFlow Datasets' default")
+    image_size: int = option(32, "side in pixels of the models' input; images of another size are "
+                                 "resized (up to 64 px: stretched; above: resized and centre-cropped)")
     validation_fraction: float = option(0.1, "fraction of the training split held out, "
                                              "stratified and seeded, for validation (0: none)")
+    test_fraction: float = option(0.1, "folder:/tfds: datasets without a test split: the fraction "
+                                       "of the images held out as the test split (the same for "
+                                       "every seed)")
     subset: float = option(1.0, "fraction of the training and test splits to use (stratified, "
                                 "seeded), for quick trials; 1: all")
     batch_size: int = option(128, "global batch size, split across replicas")
-    augment: bool = option(True, "reflect-pad 4 + random crop (+ horizontal flip) on training data")
+    augment: bool = option(True, "training augmentation: up to 64 px reflect-pad 4 + random crop, "
+                                 "above a random-resized crop; both with horizontal flips (hflip)")
     hflip: Optional[bool] = option(None, "random horizontal flips; unset: on for every dataset "
                                          "except digits, whose mirror images are other glyphs")
+    crop_fraction: float = option(0.875, "images above 64 px: evaluation takes the centred square "
+                                         "of this fraction of the shorter side (0.875: 224 of 256)")
+    crop_scale_min: float = option(0.08, "images above 64 px: the smallest area fraction of a "
+                                         "training random-resized crop")
+    pipeline: str = option("auto", "auto (in memory when the decoded images fit in "
+                                   "data.in_memory_mb, else streamed), memory or streaming "
+                                   "(folder:/tfds: datasets read batch by batch with tf.data)")
+    in_memory_mb: int = option(1024, "pipeline auto: the decoded size up to which a folder:/tfds: "
+                                     "dataset is held in memory")
+    stats_images: int = option(2000, "streamed datasets: training images the normalization "
+                                     "statistics are estimated from")
+    skip_bad_files: bool = option(False, "folder: datasets: leave out (and count) files the header "
+                                         "scan finds unreadable instead of stopping")
     shuffle_buffer: int = option(0, "shuffle buffer in examples; 0: the whole training split")
     evaluate_test: bool = option(True, "evaluate on the test split at the end of training; off "
                                        "while tuning on the validation split")
@@ -151,14 +171,17 @@ class ExportConfig:
     """The export of the student to edge formats (``export.*``)."""
 
     formats: List[str] = option(list(EXPORT_FORMATS), "formats to write: saved_model, fp32, fp16, "
-                                                      "dynamic, int8, onnx")
+                                                      "dynamic, int8 (TFLite), onnx, onnx_int8 "
+                                                      "(ONNX statically quantized, QDQ)")
     opset: int = option(17, "ONNX opset")
-    representative: int = option(500, "training images that calibrate the int8 model")
-    int8_io: str = option("float32", "model_int8.tflite input/output type: float32, int8 or uint8")
+    representative: int = option(500, "training images that calibrate the int8 models")
+    int8_io: str = option("float32", "model_int8.tflite input/output type: float32, int8 or uint8 "
+                                     "(full-integer models for NPUs take integer pixels)")
     tolerance: float = option(1e-4, "max abs logit difference (times the largest |logit| when "
                                     "that exceeds 1) allowed between Keras and an fp32 "
                                     "format")
     max_test_images: int = option(0, "verify on the first N test images (0: all)")
+    latency_runs: int = option(50, "timed batch-1 calls per format")
 
 
 @dataclass
@@ -388,12 +411,19 @@ def validate(config: RunConfig) -> None:
     data = config.data
     _check(data.data_dir is None or bool(data.data_dir.strip()), "data.data_dir", data.data_dir,
            "a folder path, or unset for TensorFlow Datasets")
-    dataset_ok = data.dataset in ("cifar10", "cifar100", "digits") or (
-        data.dataset.startswith("folder:") and len(data.dataset) > len("folder:"))
-    _check(dataset_ok, "data.dataset", data.dataset, "cifar10, cifar100, digits or folder:PATH")
+    dataset_ok = data.dataset in ("cifar10", "cifar100", "digits") or any(
+        data.dataset.startswith(p) and len(data.dataset.strip()) > len(p) for p in ("folder:", "tfds:"))
+    _check(dataset_ok, "data.dataset", data.dataset, "cifar10, cifar100, digits, folder:PATH or tfds:NAME")
     _check(8 <= data.image_size <= 4096, "data.image_size", data.image_size, "an integer from 8 to 4096")
     _check(0.0 <= data.validation_fraction < 1.0, "data.validation_fraction",
            data.validation_fraction, "a fraction in [0, 1)")
+    _check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "a fraction in (0, 1)")
+    _check(0.0 < data.crop_fraction <= 1.0, "data.crop_fraction", data.crop_fraction, "a fraction in (0, 1]")
+    _check(0.0 < data.crop_scale_min <= 1.0, "data.crop_scale_min", data.crop_scale_min, "a fraction in (0, 1]")
+    _check(data.pipeline in PIPELINES, "data.pipeline", data.pipeline, f"one of {', '.join(PIPELINES)}")
+    _check(data.in_memory_mb >= 0, "data.in_memory_mb", data.in_memory_mb, "an integer >= 0")
+    _check(1 <= data.stats_images <= 1_000_000, "data.stats_images", data.stats_images,
+           "an integer from 1 to 1000000")
     _check(0.0 < data.subset <= 1.0, "data.subset", data.subset, "a fraction in (0, 1]")
     _check(1 <= data.batch_size <= MAX_BATCH, "data.batch_size", data.batch_size,
            f"an integer from 1 to {MAX_BATCH}")
@@ -447,6 +477,8 @@ def validate(config: RunConfig) -> None:
     _check(export.tolerance > 0, "export.tolerance", export.tolerance, "> 0")
     _check(export.max_test_images >= 0, "export.max_test_images", export.max_test_images, ">= 0")
     _check(7 <= export.opset <= 21, "export.opset", export.opset, "an ONNX opset from 7 to 21")
+    _check(1 <= export.latency_runs <= 100_000, "export.latency_runs", export.latency_runs,
+           "an integer from 1 to 100000")
     _check(config.progress in (None, 0, 1, 2), "progress", config.progress, "0, 1, 2 or null")
 
 

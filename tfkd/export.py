@@ -4,7 +4,11 @@ ONNX, each loaded back in its own runtime and checked against the Keras model.
 The exported contract (every format): input ``images``, float32 NHWC pixels in [0, 255] at the
 trained size, any batch size; normalization is inside the model; outputs ``logits`` and
 ``probabilities``. ``model_int8.tflite`` keeps float32 input and output by default
-(``--int8-io uint8`` or ``int8`` makes them integer: pixels in, quantized logits out).
+(``--int8-io uint8`` or ``int8`` makes them integer: pixels in, quantized logits out: the
+full-integer model an NPU takes). ``model_int8.onnx`` is ONNX Runtime's recommended int8 for CNNs:
+static QDQ quantization, signed int8 weights (per channel) and activations, calibrated on the same
+training images as the TFLite int8 model. The card records how images are resized and cropped to
+the input (``preprocessing``), which the ``export/`` kit repeats on a device.
 
 Artifacts land in a temporary folder beside ``--out`` and replace it only once every format is
 converted and verified, so ``--out`` never holds a partial export.
@@ -20,7 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -28,7 +32,8 @@ from tfkd.errors import ModelError
 
 from tfkd.config import EXPORT_FORMATS as FORMATS
 FILES = {"saved_model": "saved_model", "fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite",
-         "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite", "onnx": "model.onnx"}
+         "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite", "onnx": "model.onnx",
+         "onnx_int8": "model_int8.onnx"}
 #: Formats that must match Keras to the tolerance (the others are quantized).
 EXACT_FORMATS = ("saved_model", "fp32", "onnx")
 
@@ -96,6 +101,44 @@ def convert_onnx(saved_model: Path, path: Path, opset: int = 17) -> None:
         raise ModelError(f"ONNX conversion failed (tf2onnx: {lines[-1][:300]})")
 
 
+class _Calibration:
+    """ONNX Runtime's calibration reader over pixel images, one at a time."""
+
+    def __init__(self, images: np.ndarray, name: str) -> None:
+        self.images, self.name, self.position = images, name, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= len(self.images):
+            return None
+        self.position += 1
+        return {self.name: self.images[self.position - 1][None].astype(np.float32)}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_onnx(model: Path, path: Path, representative: np.ndarray) -> None:
+    """Static int8 quantization of the fp32 ONNX model in ONNX Runtime's QDQ format (signed
+    activations and per-channel signed weights, min-max calibration on ``representative``
+    pixels), after its recommended pre-processing (shape inference, graph optimization)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quant_pre_process, quantize_static)
+
+    if representative is None or not len(representative):
+        raise ModelError("onnx_int8 export needs representative images")
+    name = onnx.load(str(model)).graph.input[0].name
+    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(representative, name)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
 # ------------------------------------------------------------------------------ runtimes
 def runner(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """A function from float32 pixel batches to logits, in the format's own runtime."""
@@ -104,7 +147,7 @@ def runner(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
         signature = tf.saved_model.load(str(path)).signatures["serving_default"]
         return lambda x: signature(images=tf.constant(x))["logits"].numpy()
-    if fmt == "onnx":
+    if fmt in ("onnx", "onnx_int8"):
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -139,10 +182,6 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def _batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
-
-
 def batch1_latency_ms(fn: Callable[[np.ndarray], Any], image: np.ndarray, runs: int = 50,
                       warmup: int = 5) -> float:
     """Median wall time of one single-image call, after warm-up, in milliseconds."""
@@ -163,24 +202,55 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def verify(out: Path, formats: Sequence[str], keras_logits: np.ndarray, images: np.ndarray,
-           labels: np.ndarray, tolerance: float, latency_runs: int) -> dict[str, dict[str, Any]]:
-    """Runs every artifact on the test images in its runtime and compares it with Keras."""
+class _Tally:
+    """Agreement of one format with Keras, accumulated batch by batch."""
+
+    def __init__(self) -> None:
+        self.images = self.correct = self.agree = 0
+        self.max_diff = 0.0
+
+    def add(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> None:
+        self.images += len(labels)
+        self.correct += int(np.sum(logits.argmax(1) == labels))
+        self.agree += int(np.sum(logits.argmax(1) == reference.argmax(1)))
+        diff = float(np.abs(logits - reference).max()) if len(labels) else 0.0
+        self.max_diff = math.nan if math.isnan(diff) or math.isnan(self.max_diff) else max(self.max_diff, diff)
+
+
+def verify(out: Path, formats: Sequence[str], reference: Callable[[np.ndarray], np.ndarray],
+           batches: Iterable[tuple[np.ndarray, np.ndarray]], tolerance: float,
+           latency_runs: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Runs every artifact in its own runtime on ``batches`` (uint8 pixels, labels), next to
+    ``reference`` (pixels -> the Keras model's logits); returns the per-format report and the
+    Keras model's own figures. Batches stream: the test split is never held whole."""
     from tqdm import tqdm
 
+    runners = {fmt: runner(fmt, out / FILES[fmt]) for fmt in formats}
+    tallies = {fmt: _Tally() for fmt in formats}
+    keras_tally = _Tally()
+    largest, first = 0.0, None
+    for images, labels in tqdm(batches, desc="verifying", unit="batch", leave=False):
+        pixels = images.astype(np.float32)
+        expected = np.asarray(reference(pixels))
+        keras_tally.add(expected, expected, labels)
+        largest = max(largest, float(np.abs(expected).max()) if len(labels) else 0.0)
+        for fmt, fn in runners.items():
+            tallies[fmt].add(np.asarray(fn(pixels)), expected, labels)
+        if first is None and len(labels):
+            first = pixels[0]
+    if first is None:
+        raise ModelError("no test images to verify the export on")
     report = {}
-    for fmt in tqdm(formats, desc="verifying", unit="format"):
-        path = out / FILES[fmt]
-        fn = runner(fmt, path)
-        logits = _batched(fn, images.astype(np.float32))
+    for fmt in formats:
+        path, tally = out / FILES[fmt], tallies[fmt]
         entry = {
             "file": FILES[fmt], "bytes": _size(path),
-            "top1": float(np.mean(logits.argmax(1) == labels)),
-            "agreement_with_keras": float(np.mean(logits.argmax(1) == keras_logits.argmax(1))),
-            "max_abs_logit_diff": float(np.abs(logits - keras_logits).max()),
-            "batch1_latency_ms": batch1_latency_ms(fn, images[0], latency_runs),
+            "top1": tally.correct / tally.images,
+            "agreement_with_keras": tally.agree / tally.images,
+            "max_abs_logit_diff": tally.max_diff,
+            "batch1_latency_ms": batch1_latency_ms(runners[fmt], first, latency_runs),
         }
-        if fmt == "onnx":
+        if fmt in ("onnx", "onnx_int8"):
             import onnx
 
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
@@ -188,12 +258,14 @@ def verify(out: Path, formats: Sequence[str], keras_logits: np.ndarray, images: 
         if fmt in EXACT_FORMATS:
             # float32 round-off grows with the logits' magnitude: the tolerance is absolute up
             # to |logit| 1 and relative to the largest |logit| beyond.
-            allowed = tolerance * max(1.0, float(np.abs(keras_logits).max()))
+            allowed = tolerance * max(1.0, largest)
             entry["allowed_logit_diff"] = allowed
             entry["within_tolerance"] = (entry["max_abs_logit_diff"] <= allowed
                                          and entry["agreement_with_keras"] == 1.0)
         report[fmt] = entry
-    return report
+    keras = {"top1": keras_tally.correct / keras_tally.images, "images": keras_tally.images,
+             "first_image": first}
+    return report, keras
 
 
 # ------------------------------------------------------------------------------ the job
@@ -214,6 +286,15 @@ def load_student(path: str | Path) -> tuple[Any, Path]:
         raise ModelError(f"{path.parent / 'dataset.json'}: missing; export reads the "
                          "normalization and labels from the model's run folder")
     return model, path.parent
+
+
+def _describe_preprocessing(record: dict[str, Any]) -> str:
+    if record.get("resize") == "center_crop":
+        return (f"the centred square of {record['crop_fraction']:g} x the shorter side, resized to "
+                f"{record['size']}x{record['size']} (bilinear, antialiased)")
+    if record.get("resize") == "stretch":
+        return f"the whole image resized to {record['size']}x{record['size']} (bilinear, antialiased)"
+    return "not recorded"
 
 
 def _model_card_markdown(card: dict[str, Any]) -> str:
@@ -237,6 +318,7 @@ def _model_card_markdown(card: dict[str, Any]) -> str:
         f"- input `images`: {contract['dtype']} {contract['layout']} {contract['shape']}, pixels in "
         f"{contract['range']}; normalization is inside the model",
         f"- int8 model input/output: {card['int8_io']} ({contract['int8_note']})",
+        f"- preprocessing: {_describe_preprocessing(card.get('preprocessing', {}))}",
         "- outputs: `logits` and `probabilities` (softmax), one per class of `labels.txt`",
         f"- normalization: mean {card['normalization']['mean']}, std {card['normalization']['std']}",
         "", "## Verification on the test split", "",
@@ -247,23 +329,43 @@ def _model_card_markdown(card: dict[str, Any]) -> str:
         f"Labels: {', '.join(card['labels'])}", ""])
 
 
-def check_options(formats: Sequence[str], opset: int, representative: int, int8_io: str,
-                  tolerance: float, max_test_images: int, latency_runs: int) -> None:
-    """Refuses bad export options with ``ConfigError`` (exit 2) before anything is loaded."""
+def check_options(settings: Any) -> None:
+    """Refuses bad export settings (``ExportConfig``) with ``ConfigError`` (exit 2), naming the
+    command-line flag, before anything is loaded."""
     from tfkd.errors import ConfigError
 
+    formats = list(settings.formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"--formats {','.join(formats) or repr('')}: expected some of {', '.join(FORMATS)}")
-    checks = [(7 <= opset <= 21, "--opset", opset, "an ONNX opset from 7 to 21"),
-              (1 <= representative <= 100_000, "--representative", representative, "an integer from 1 to 100000"),
-              (int8_io in ("float32", "int8", "uint8"), "--int8-io", int8_io, "float32, int8 or uint8"),
-              (math.isfinite(tolerance) and tolerance > 0, "--tolerance", tolerance, "a finite number > 0"),
-              (max_test_images >= 0, "--max-test-images", max_test_images, "an integer >= 0"),
-              (latency_runs >= 1, "--latency-runs", latency_runs, "an integer >= 1")]
+    checks = [(7 <= settings.opset <= 21, "--opset", settings.opset, "an ONNX opset from 7 to 21"),
+              (1 <= settings.representative <= 100_000, "--representative", settings.representative,
+               "an integer from 1 to 100000"),
+              (settings.int8_io in ("float32", "int8", "uint8"), "--int8-io", settings.int8_io,
+               "float32, int8 or uint8"),
+              (math.isfinite(settings.tolerance) and settings.tolerance > 0, "--tolerance",
+               settings.tolerance, "a finite number > 0"),
+              (settings.max_test_images >= 0, "--max-test-images", settings.max_test_images, "an integer >= 0"),
+              (settings.latency_runs >= 1, "--latency-runs", settings.latency_runs, "an integer >= 1")]
     for ok, flag, value, expected in checks:
         if not ok:
             raise ConfigError(f"{flag} {value!r}: expected {expected}")
+
+
+def settings_of(settings: Any = None, formats: Sequence[str] | None = None, **changes: Any) -> Any:
+    """An ``ExportConfig``: ``settings`` (default: the defaults) with ``formats`` and any other
+    fields in ``changes`` replaced."""
+    import dataclasses
+
+    from tfkd.config import ExportConfig
+
+    settings = settings if settings is not None else ExportConfig()
+    if formats is not None:
+        changes["formats"] = list(formats)
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(ExportConfig)})
+    if unknown:
+        raise TypeError(f"unknown export settings {unknown}")
+    return dataclasses.replace(settings, **changes)
 
 
 #: What marks a folder as a tfkd export (``model_card.json`` holds it with the files written).
@@ -326,6 +428,8 @@ def finite(value: Any) -> Any:
 def training_data(run_dir: Path, data_dir: str | None) -> Any:
     """The dataset of the run that trained the student, with its splits: the settings the
     distill stage recorded in ``run.json`` (else the folder's ``config.yaml``)."""
+    import dataclasses
+
     from tfkd import config as config_lib
     from tfkd import data as data_lib
     from tfkd import rundir
@@ -340,18 +444,22 @@ def training_data(run_dir: Path, data_dir: str | None) -> Any:
             cfg = config_lib.load(dotlist=[f"data.dataset={info.get('dataset', 'digits')}"])
     except ConfigError as error:
         raise ModelError(f"the model's run folder: {error}") from None
-    values = {key: recorded.get(key, value) for key, value in config_lib.flatten(cfg).items()}
-    return data_lib.prepare(values["data.dataset"], data_dir or values["data.data_dir"],
-                            values["data.image_size"], values["data.validation_fraction"],
-                            values["seed"], values["data.hflip"], values["data.subset"])
+    fields = {f.name for f in dataclasses.fields(cfg.data)}
+    changes = {key[len("data."):]: value for key, value in recorded.items()
+               if key.startswith("data.") and key[len("data."):] in fields}
+    if data_dir:
+        changes["data_dir"] = data_dir
+    seed = recorded.get("seed", cfg.seed)
+    return data_lib.load(dataclasses.replace(cfg.data, **changes), seed)
 
 
-def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FORMATS,
-           data_dir: str | None = None, opset: int = 17, representative: int = 500,
-           int8_io: str = "float32", tolerance: float = 1e-4, max_test_images: int = 0,
-           latency_runs: int = 50, data: Any = None) -> dict[str, Any]:
+def export(model_path: str | Path, out: str | Path, formats: Sequence[str] | None = None, *,
+           settings: Any = None, data_dir: str | None = None, data: Any = None,
+           **changes: Any) -> dict[str, Any]:
     """Converts, verifies and writes every requested format to ``out``; returns the model card.
 
+    ``settings`` is the ``export`` section (``ExportConfig``; default: its defaults), with
+    ``formats`` and any other of its fields given as keywords replaced (``int8_io="uint8"``).
     ``data`` (a ``tfkd.data.Data``) saves reloading the dataset when the caller has it; by
     default it is rebuilt as the student's training run had it, with the same splits.
     ``out`` must be new, empty or a previous tfkd export (``check_out``). Raises
@@ -360,7 +468,9 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
     from tfkd import rundir
     from tfkd.errors import ConfigError, ExportError
 
-    check_options(formats, opset, representative, int8_io, tolerance, max_test_images, latency_runs)
+    settings = settings_of(settings, formats, **changes)
+    check_options(settings)
+    formats = list(settings.formats)
     out = check_out(out, model_path)
     student, run_dir = load_student(model_path)
     try:
@@ -372,36 +482,38 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
     if data is None:
         data = training_data(run_dir, data_dir)
     model = deployable(student, mean, std)
-    images, labels = data.test_images, data.test_labels
-    if max_test_images:
-        images, labels = images[:max_test_images], labels[:max_test_images]
-    pixels = images.astype(np.float32)
-    keras_logits = model.predict(pixels, batch_size=256, verbose=0)["logits"]
-    keras_latency = batch1_latency_ms(lambda x: model(x, training=False), images[0], latency_runs)
+
+    def keras_logits(pixels: np.ndarray) -> np.ndarray:
+        return model(pixels, training=False)["logits"].numpy()
 
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         tflite_modes = [f for f in formats if f in ("fp32", "fp16", "dynamic", "int8")]
-        if "saved_model" in formats or tflite_modes or "onnx" in formats:
-            export_saved_model(model, tmp / FILES["saved_model"])
-        rng = np.random.default_rng(0)
-        calibration = data.train_images[rng.permutation(len(data.train_images))[:representative]]
+        export_saved_model(model, tmp / FILES["saved_model"])
+        calibration = data.sample("train", settings.representative, seed=0)
         for mode in tflite_modes:
             (tmp / FILES[mode]).write_bytes(convert_tflite(tmp / FILES["saved_model"], mode,
-                                                           calibration, int8_io))
-        if "onnx" in formats:
-            convert_onnx(tmp / FILES["saved_model"], tmp / FILES["onnx"], opset)
-        report = verify(tmp, list(formats), keras_logits, images, labels, tolerance, latency_runs)
-        if "saved_model" not in formats:
-            shutil.rmtree(tmp / FILES["saved_model"], ignore_errors=True)
+                                                           calibration, settings.int8_io))
+        if "onnx" in formats or "onnx_int8" in formats:
+            convert_onnx(tmp / FILES["saved_model"], tmp / FILES["onnx"], settings.opset)
+        if "onnx_int8" in formats:
+            quantize_onnx(tmp / FILES["onnx"], tmp / FILES["onnx_int8"], calibration)
+        report, keras = verify(tmp, formats, keras_logits,
+                               data.pixel_batches("test", 256, settings.max_test_images),
+                               settings.tolerance, settings.latency_runs)
+        keras_latency = batch1_latency_ms(keras_logits, keras.pop("first_image"), settings.latency_runs)
+        for fmt in ("saved_model", "onnx"):
+            if fmt not in formats:
+                path = tmp / FILES[fmt]
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         bad = {f: e for f, e in report.items() if e.get("within_tolerance") is False}
         if bad:
             detail = "; ".join(f"{f}: max abs logit diff {e['max_abs_logit_diff']:.2e} (allowed "
                                f"{e['allowed_logit_diff']:.2e}), agreement "
                                f"{e['agreement_with_keras'] * 100:.2f}%" for f, e in bad.items())
-            raise ExportError(f"{', '.join(bad)} disagree with the Keras model beyond {tolerance:g} "
+            raise ExportError(f"{', '.join(bad)} disagree with the Keras model beyond {settings.tolerance:g} "
                               f"({detail}); nothing was written")
         try:
             training = json.loads((run_dir / "metrics.json").read_text()) \
@@ -416,11 +528,12 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] = FOR
                       "shape": [None, *data.image_shape], "range": "[0, 255]",
                       "int8_note": "float32 pixels and logits unless --int8-io is int8/uint8, then "
                                    "quantize pixels with the input tensor's scale/zero point"},
-            "outputs": ["logits", "probabilities"], "int8_io": int8_io, "onnx_opset": opset,
-            "normalization": {"mean": mean, "std": std}, "tolerance": tolerance,
-            "test_images": int(len(labels)), "representative_images": int(len(calibration)),
-            "keras": {"top1": float(np.mean(keras_logits.argmax(1) == labels)),
-                      "batch1_latency_ms": keras_latency},
+            "preprocessing": info.get("preprocessing", data.geometry.record()),
+            "outputs": ["logits", "probabilities"], "int8_io": settings.int8_io,
+            "onnx_opset": settings.opset,
+            "normalization": {"mean": mean, "std": std}, "tolerance": settings.tolerance,
+            "test_images": int(keras["images"]), "representative_images": int(len(calibration)),
+            "keras": {"top1": keras["top1"], "batch1_latency_ms": keras_latency},
             "formats": report, "training": training, "source": str(Path(model_path)),
             MARKER: {"version": 1, "files": files},
         })
@@ -482,23 +595,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="output folder: new, empty, or a previous export (its files are "
                              "replaced once the whole export succeeded; other files stay)")
-    parser.add_argument("--formats", default=",".join(FORMATS),
-                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
+    parser.add_argument("--formats", help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")
     parser.add_argument("--data-dir", help="dataset folder, if it moved since training")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--representative", type=cli.positive_int, default=500,
-                        help="training images used to calibrate int8 (default 500)")
-    parser.add_argument("--int8-io", choices=("float32", "int8", "uint8"), default="float32",
-                        help="input/output type of model_int8.tflite (default float32)")
-    parser.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
+    parser.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+    parser.add_argument("--representative", type=cli.positive_int,
+                        help="training images used to calibrate the int8 models (default 500)")
+    parser.add_argument("--int8-io", choices=("float32", "int8", "uint8"),
+                        help="input/output type of model_int8.tflite (default float32; uint8 or "
+                             "int8: a full-integer model for an NPU)")
+    parser.add_argument("--tolerance", type=cli.positive_float,
                         help="max abs logit difference allowed for fp32 formats, relative to the "
                              "largest |logit| when that exceeds 1 (default 1e-4)")
-    parser.add_argument("--max-test-images", type=cli.non_negative_int, default=0,
+    parser.add_argument("--max-test-images", type=cli.non_negative_int,
                         help="verify on the first N test images only (default: all)")
-    parser.add_argument("--latency-runs", type=cli.positive_int, default=50,
-                        help="timed batch-1 calls per format")
+    parser.add_argument("--latency-runs", type=cli.positive_int, help="timed batch-1 calls per format (default 50)")
+    parser.add_argument("--set", action="append", default=[], metavar="export.KEY=VALUE",
+                        help="an export.* config key (python -m tfkd.train --help lists them), e.g. "
+                             "--set export.int8_io=uint8; the flags above win")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log")
     return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """The ``ExportConfig`` of the command line: defaults, then ``--set export.*`` items, then
+    the flags. Raises ``ConfigError`` (exit 2) naming a bad key or value."""
+    from tfkd import config as config_lib
+    from tfkd.errors import ConfigError
+
+    for item in args.set:
+        if not item.strip().startswith("export."):
+            raise ConfigError(f"--set {item!r}: tfkd.export takes export.* keys (e.g. export.int8_io=uint8)")
+    settings = config_lib.load(dotlist=list(args.set)).export
+    flags = {"opset": args.opset, "representative": args.representative, "int8_io": args.int8_io,
+             "tolerance": args.tolerance, "max_test_images": args.max_test_images,
+             "latency_runs": args.latency_runs}
+    formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
+    settings = settings_of(settings, formats, **{k: v for k, v in flags.items() if v is not None})
+    check_options(settings)
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -507,13 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         args = build_parser().parse_args(argv)
-        formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-        check_options(formats, args.opset, args.representative, args.int8_io, args.tolerance,
-                      args.max_test_images, args.latency_runs)
+        settings = settings_from_args(args)
         out = check_out(args.out, args.model)
         cli.import_tensorflow(args.verbose)
-        card = export(args.model, out, formats, args.data_dir, args.opset, args.representative,
-                      args.int8_io, args.tolerance, args.max_test_images, args.latency_runs)
+        card = export(args.model, out, settings=settings, data_dir=args.data_dir)
         print(Path(out, "model_card.md").read_text())
         print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
         return 0

@@ -88,7 +88,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
 
     batch = cfg.data.batch_size
     train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer, with_index)
-    val_ds = data.eval_dataset("val", batch) if len(data.val_labels) else None
+    val_ds = data.eval_dataset("val", batch) if data.count("val") else None
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
     chief_backup = Path(cfg.run_dir) / "backup" / stage
@@ -153,7 +153,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     lambda_cls = tcfg.lambda_cls if lambda_cls is None else lambda_cls
     lambda_rec = tcfg.lambda_rec if lambda_rec is None else lambda_rec
     start = time.perf_counter()
-    steps_per_epoch = len(data.train_labels) // batch
+    steps_per_epoch = data.steps_per_epoch(batch)
     initial: dict[str, Any] = {}
     with strategy.scope():
         if tcfg.init_from:
@@ -184,9 +184,9 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
             backbone_optimizer = keras.optimizers.SGD(rate, momentum=tcfg.optimizer.momentum, nesterov=True,
                                                       weight_decay=tcfg.optimizer.weight_decay or None)
         teacher.compile(optimizer=optimizer, backbone_optimizer=backbone_optimizer)
-        teacher(data.normalize(data.train_images[:2]))  # build, so a backup can be restored
+        teacher(data.normalize(data.sample("train", 2)))  # build, so a backup can be restored
         teacher.build_optimizers()
-    sample = data.test_images[np.linspace(0, len(data.test_images) - 1, 10).astype(int)]
+    sample = data.spread("test", 10)
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
     history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
@@ -210,7 +210,7 @@ def _accuracies(model: Any, data: Any, batch: int) -> dict[str, float]:
     """Top-1 of a ``{"logits", ...}`` model on the validation and test splits (before a fine-tune)."""
     found = {}
     for split in ("val", "test"):
-        images, labels = data.arrays(split)
+        labels = data.labels(split)
         if len(labels):
             logits = model.predict(data.eval_dataset(split, batch).map(lambda x, y: x), verbose=0)["logits"]
             found[f"init_{split}_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
@@ -367,8 +367,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         student = models.get(scfg.model, data.num_classes, data.image_shape, cfg.sync_batchnorm,
                              weights=scfg.weights, normalization=(data.mean, data.std),
                              layers=cfg.distill.student_layers)
-        steps_per_epoch = len(data.train_labels) // batch
-        distiller = build_distiller(cfg, student, teachers, steps_per_epoch, data.train_labels)
+        steps_per_epoch = data.steps_per_epoch(batch)
+        distiller = build_distiller(cfg, student, teachers, steps_per_epoch, lambda: data.train_labels)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
         distiller.compile(optimizer=optimizer)  # a term with an optimizer of its own built it
         distiller.build_all()
@@ -535,8 +535,7 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
         tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
     run_dir = Path(cfg.run_dir)
-    data = data_lib.prepare(cfg.data.dataset, cfg.data.data_dir, cfg.data.image_size,
-                            cfg.data.validation_fraction, cfg.seed, cfg.data.hflip, cfg.data.subset)
+    data = data_lib.load(cfg.data, cfg.seed)
     plan = teacher_plan(cfg)
     needed = teachers_needed(cfg.distill.method)
     given = list(cfg.distill.teachers)
@@ -635,10 +634,7 @@ def export_student(cfg: config_lib.RunConfig, run_dir: Path, data: Any) -> dict[
     """Exports ``run_dir/student.keras`` to ``run_dir/export`` (see ``tfkd.export``)."""
     from tfkd import export
 
-    ecfg = cfg.export
-    card = export.export(run_dir / "student.keras", run_dir / "export", ecfg.formats,
-                         cfg.data.data_dir, ecfg.opset, ecfg.representative, ecfg.int8_io,
-                         ecfg.tolerance, ecfg.max_test_images, data=data)
+    card = export.export(run_dir / "student.keras", run_dir / "export", settings=cfg.export, data=data)
     summary = {fmt: {k: entry[k] for k in ("bytes", "top1", "agreement_with_keras",
                                             "max_abs_logit_diff", "batch1_latency_ms")}
                for fmt, entry in card["formats"].items()}

@@ -38,7 +38,8 @@ class Distiller(keras.Model):
         teachers: teacher role -> model (frozen here); empty for the student alone.
         terms: the method's loss terms (``tfkd.distill.methods.resolve(...).terms(...)``).
         sync_bn: synchronized batch norm in the terms' layers.
-        steps_per_epoch, train_labels: what warm-ups and memory banks are sized from.
+        steps_per_epoch, train_labels: what warm-ups and memory banks are sized from (the
+            labels, or a function returning them: ``BuildContext.train_labels``).
     """
 
     def __init__(self, student: keras.Model, teachers: dict[str, keras.Model] | None = None,
@@ -204,6 +205,6 @@ def from_config(distill: Any, student: keras.Model, teachers: Sequence[keras.Mod
     method = methods.resolve(distill.method)
     if len(teachers) != len(method.teachers):
         raise ModelError(f"method {distill.method} takes {len(method.teachers)} teacher(s), got {len(teachers)}")
-    run = methods.RunInfo(steps_per_epoch, len(train_labels) if train_labels is not None else 0)
+    run = methods.RunInfo(steps_per_epoch)
     return Distiller(student, dict(zip(method.teachers, teachers)), method.terms(distill, run),
                      sync_bn=sync_bn, steps_per_epoch=steps_per_epoch, train_labels=train_labels, name=name)

@@ -26,8 +26,14 @@ class BuildContext:
     teachers: dict[str, Any]
     sync_bn: bool = False
     steps_per_epoch: int = 1
-    train_labels: Any = None  # the training split's labels (a memory bank has an entry per image)
+    #: the training split's labels (a memory bank has an entry per image), or a function that
+    #: returns them (a streamed dataset reads them only for a term that asks: ``labels()``)
+    train_labels: Any = None
     built: dict[str, "Term"] = field(default_factory=dict)  # terms built so far, by name
+
+    def labels(self) -> Any:
+        """The training split's labels (None when the run gave none)."""
+        return self.train_labels() if callable(self.train_labels) else self.train_labels
 
     def shapes(self, model: Any, key: str = "features") -> list[tuple[int, ...]]:
         """(H, W, C) of each of a model's stage outputs (``features``, or ``preact``)."""

@@ -25,7 +25,6 @@ class RunInfo:
     """What a method's terms may depend on besides its options."""
 
     steps_per_epoch: int = 1
-    num_train: int = 0
 
 
 @dataclass(frozen=True)

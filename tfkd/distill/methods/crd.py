@@ -111,9 +111,10 @@ class Contrastive(Term):
 
         from tfkd.errors import ModelError
 
-        if ctx.train_labels is None or not len(ctx.train_labels):
+        labels = ctx.labels()
+        if labels is None or not len(labels):
             raise ModelError("crd needs the training labels (a memory entry per training image)")
-        labels = np.asarray(ctx.train_labels).astype(np.int64)
+        labels = np.asarray(labels).astype(np.int64)
         self.num_data = int(len(labels))
         self.order, self.starts, self.counts = other_class_sampler(labels)
         self.embed_s = keras.Sequential([keras.layers.Dense(self.dim)], name="crd_embed_s")

@@ -1,0 +1,177 @@
+"""The image geometry of every pipeline: how a decoded image becomes the model's input.
+
+Two recipes, chosen by the run's image size (``data.image_size``):
+
+- small images (up to ``SMALL_MAX`` = 64 px, CIFAR's world): the image is resized to
+  ``size x size`` whatever its aspect ratio; training pads it by 4 (reflect) and crops a random
+  window of the original size, with an optional horizontal flip (``augment_batch``, per batch);
+- larger images (the ImageNet recipe): evaluation takes the centred square of side
+  ``crop_fraction`` x the shorter side (``eval_window``) and resizes it to ``size x size``
+  (0.875: the 224-of-256 crop); training takes a random-resized crop (``train_window``: 8% to
+  100% of the area by default, aspect ratio 3/4 to 4/3) and flips half of the images.
+
+Windows are integer pixel boxes of the decoded image, so a JPEG decodes only the window it needs
+(``tf.io.decode_and_crop_jpeg``); resizing is bilinear with antialiasing, which is what the
+``export/`` kit's Pillow resize of the same box does on a device (``crop_box`` there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+#: The largest image side trained with the small-image (pad-and-crop) recipe.
+SMALL_MAX = 64
+#: Reflect padding of the small-image recipe.
+PAD = 4
+#: The random-resized crop's aspect-ratio range.
+ASPECT_RANGE = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How images reach the model: its input side, the evaluation crop, the training crop."""
+
+    size: int
+    crop_fraction: float = 0.875
+    scale_min: float = 0.08
+    hflip: bool = True
+
+    @property
+    def small(self) -> bool:
+        """True when the pad-and-crop recipe applies (``size`` <= 64)."""
+        return self.size <= SMALL_MAX
+
+    def record(self) -> dict[str, Any]:
+        """What a run folder and a model card record, so a device preprocesses the same way."""
+        if self.small:
+            return {"resize": "stretch", "size": self.size}
+        return {"resize": "center_crop", "size": self.size, "crop_fraction": self.crop_fraction}
+
+
+# ------------------------------------------------------------------------------- windows
+def eval_window(height: Any, width: Any, geometry: Geometry) -> tuple[Any, Any, Any, Any]:
+    """(top, left, height, width) of the evaluation window in a ``height x width`` image: the
+    whole image (small recipe) or the centred square of ``crop_fraction`` x the shorter side."""
+    if geometry.small:
+        return tf.constant(0), tf.constant(0), tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    height, width = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    shorter = tf.cast(tf.minimum(height, width), tf.float32)
+    side = tf.maximum(tf.cast(tf.round(shorter * geometry.crop_fraction), tf.int32), 1)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def train_window(height: Any, width: Any, seed: Any, geometry: Geometry) -> tuple[Any, Any, Any, Any]:
+    """(top, left, height, width) of a random-resized crop (``seed``: a stateless [2] seed):
+    ``scale_min`` to 100% of the area, aspect ratio in ``ASPECT_RANGE``; after 10 failed draws
+    the evaluation window."""
+    shape = tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32), tf.constant(3)])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=ASPECT_RANGE, area_range=(geometry.scale_min, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin[0], begin[1], size[0], size[1]
+
+
+# ------------------------------------------------------------------------------ decoding
+def is_jpeg(contents: Any) -> Any:
+    """True for JPEG bytes (they can be decoded window by window)."""
+    return tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
+
+
+def image_shape(contents: Any) -> Any:
+    """(height, width) of encoded image bytes: from the JPEG header, else by decoding."""
+    return tf.cond(is_jpeg(contents),
+                   lambda: tf.image.extract_jpeg_shape(contents)[:2],
+                   lambda: tf.shape(decode(contents))[:2])
+
+
+def decode(contents: Any) -> Any:
+    """Any PNG/JPEG/BMP/GIF (grayscale, RGBA, 16-bit) as uint8 RGB; 16-bit keeps its high byte."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _decode_window(contents: Any, window: tuple[Any, Any, Any, Any]) -> Any:
+    top, left, height, width = window
+    crop = tf.stack([top, left, height, width])
+    return tf.cond(is_jpeg(contents),
+                   lambda: tf.io.decode_and_crop_jpeg(contents, crop, channels=3),
+                   lambda: tf.slice(decode(contents), [top, left, 0], [height, width, 3]))
+
+
+def resize(image: Any, size: int) -> Any:
+    """uint8 ``size x size`` (bilinear, antialiased; unchanged when already that size)."""
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+
+    def scaled() -> Any:
+        out = tf.image.resize(image, (size, size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    out = tf.cond(same, lambda: tf.cast(image, tf.uint8), scaled)
+    out.set_shape([size, size, 3])
+    return out
+
+
+def eval_bytes(contents: Any, geometry: Geometry) -> Any:
+    """Encoded image -> uint8 evaluation input (``size x size x 3``)."""
+    if geometry.small:
+        return resize(decode(contents), geometry.size)
+    height_width = image_shape(contents)
+    window = eval_window(height_width[0], height_width[1], geometry)
+    return resize(_decode_window(contents, window), geometry.size)
+
+
+def train_bytes(contents: Any, seed: Any, geometry: Geometry) -> Any:
+    """Encoded image -> uint8 training input: the evaluation resize for the small recipe (its
+    augmentation runs per batch), a random-resized crop (+ flip) for larger images."""
+    if geometry.small:
+        return resize(decode(contents), geometry.size)
+    height_width = image_shape(contents)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    window = train_window(height_width[0], height_width[1], seeds[0], geometry)
+    return _flip(resize(_decode_window(contents, window), geometry.size), seeds[1], geometry.hflip)
+
+
+def eval_array(image: Any, geometry: Geometry) -> Any:
+    """A decoded uint8 image -> its evaluation input (the evaluation window, resized)."""
+    shape = tf.shape(image)
+    top, left, height, width = eval_window(shape[0], shape[1], geometry)
+    return resize(tf.slice(image, [top, left, 0], [height, width, 3]), geometry.size)
+
+
+def train_array(image: Any, seed: Any, geometry: Geometry) -> Any:
+    """A decoded uint8 image -> a random-resized crop (+ flip) at ``size`` (larger images)."""
+    shape = tf.shape(image)
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    top, left, height, width = train_window(shape[0], shape[1], seeds[0], geometry)
+    crop = tf.slice(image, [top, left, 0], [height, width, 3])
+    return _flip(resize(crop, geometry.size), seeds[1], geometry.hflip)
+
+
+def _flip(image: Any, seed: Any, hflip: bool) -> Any:
+    if not hflip:
+        return image
+    return tf.cond(tf.random.stateless_uniform([], seed) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+# --------------------------------------------------------------------- small-image recipe
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, hflip: bool) -> tf.Tensor:
+    """Reflect-pads a uint8/float batch by 4, crops a random window of the original size per
+    image and, if ``hflip``, mirrors half of the images. ``seed`` is a stateless [2] seed."""
+    batch = tf.shape(images)[0]
+    height, width = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    offsets = tf.random.stateless_uniform([batch, 2], seeds[0], 0, 2 * PAD + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:] + tf.range(width)[None, :]
+    cropped = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+    if hflip:
+        flip = tf.random.stateless_uniform([batch, 1, 1, 1], seeds[1]) < 0.5
+        cropped = tf.where(flip, tf.reverse(cropped, axis=[2]), cropped)
+    return cropped
