@@ -5,7 +5,10 @@
     python predict.py model.onnx photos/            # every image in a folder
     python predict.py model.onnx batch.npy          # (N, H, W, 3) pixels in [0, 255]
 
-Prints the top classes of each input. Labels come from labels.txt beside the model.
+Prints the top classes of each input. Labels come from labels.txt beside the model. Images are
+cropped and resized to the model's input as training did (``preprocessing`` in model_card.json
+beside the model: the whole image stretched, or the centred square of a fraction of the shorter
+side; without a card, models above 64 px get the 0.875 centre crop).
 Exit codes: 0 done, 2 bad arguments, 3 bad input, 4 bad model.
 """
 
@@ -36,20 +39,54 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Any image file (grayscale, RGBA, 16-bit included) as RGB float32 pixels at ``size``."""
+#: Above this side, training resized and centre-cropped (tfkd.data.transforms); up to it, stretched.
+SMALL_MAX = 64
+
+
+def preprocessing_of(model_path: Path, size: tuple[int, int]) -> dict:
+    """How training brought images to the model's input: the ``preprocessing`` record of
+    ``model_card.json`` beside the model, else tfkd's rule for the input size."""
+    import json
+
+    card = model_path.parent / "model_card.json"
+    try:
+        record = json.loads(card.read_text()).get("preprocessing") if card.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        record = None
+    if isinstance(record, dict) and record.get("resize") in ("stretch", "center_crop"):
+        return record
+    if max(size) <= SMALL_MAX:
+        return {"resize": "stretch"}
+    return {"resize": "center_crop", "crop_fraction": 0.875}
+
+
+def crop_box(width: int, height: int, preprocessing: dict) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the region resized to the input: the whole image, or the
+    centred square of ``crop_fraction`` x the shorter side (as ``tfkd.data.transforms``)."""
+    if preprocessing.get("resize") != "center_crop":
+        return 0, 0, width, height
+    side = max(int(round(min(width, height) * float(preprocessing.get("crop_fraction", 0.875)))), 1)
+    top, left = (height - side) // 2, (width - side) // 2
+    return left, top, left + side, top + side
+
+
+def load_image(path: Path, size: tuple[int, int], preprocessing: dict | None = None) -> np.ndarray:
+    """Any image file (grayscale, RGBA, 16-bit included) as RGB float32 pixels at ``size``,
+    cropped and resized as training did (``preprocessing``: ``preprocessing_of``)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
+    preprocessing = preprocessing or {"resize": "stretch"}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
                 image = _to_rgb(image)
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.BILINEAR)
+            box = crop_box(image.size[0], image.size[1], preprocessing)
+            if box != (0, 0, size[1], size[0]) or image.size != (size[1], size[0]):
+                image = image.resize((size[1], size[0]), Image.BILINEAR, box=box)
             return np.asarray(image, dtype=np.float32)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise KitError(f"{path}: image too large to decode safely (over {Image.MAX_IMAGE_PIXELS:,} "
@@ -58,7 +95,8 @@ def load_image(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise KitError(f"{path}: not a readable image") from None
 
 
-def load_inputs(paths: list[str], size: tuple[int, int]) -> tuple[list[str], np.ndarray]:
+def load_inputs(paths: list[str], size: tuple[int, int],
+                preprocessing: dict | None = None) -> tuple[list[str], np.ndarray]:
     """Names and pixel batch for the command-line inputs (files, folders, .npy batches)."""
     names, batches = [], []
     for raw in paths:
@@ -70,7 +108,7 @@ def load_inputs(paths: list[str], size: tuple[int, int]) -> tuple[list[str], np.
             if not files:
                 raise KitError(f"{path}: no images in this folder")
             names += [str(p) for p in files]
-            batches.append(np.stack([load_image(p, size) for p in files]))
+            batches.append(np.stack([load_image(p, size, preprocessing) for p in files]))
         elif path.suffix.lower() == ".npy":
             try:
                 array = np.load(path, allow_pickle=False)
@@ -82,7 +120,7 @@ def load_inputs(paths: list[str], size: tuple[int, int]) -> tuple[list[str], np.
             batches.append(array)
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             names.append(str(path))
-            batches.append(load_image(path, size)[None])
+            batches.append(load_image(path, size, preprocessing)[None])
         else:
             raise KitError(f"{path}: unsupported file type '{path.suffix}' (images: "
                            f"{', '.join(IMAGE_SUFFIXES)}; arrays: .npy)")
@@ -123,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = EdgeModel(args.model, args.threads, args.image_size)
-        names, images = load_inputs(args.inputs, model.image_size)
+        names, images = load_inputs(args.inputs, model.image_size,
+                                    preprocessing_of(Path(args.model), model.image_size))
         probabilities = softmax(model.logits(model.check(images)))
         labels = read_labels(Path(args.model), args.labels, probabilities.shape[1])
     except KitError as error:

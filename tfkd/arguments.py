@@ -15,15 +15,16 @@ from tfkd import config as config_lib
 #: Dedicated flags: flag -> (config key, help). Everything else goes through --set.
 FLAGS = {
     "--stage": ("stage", "what to run: teacher, distill, export, or all (default)"),
-    "--method": ("distill.method", "student, kd, fitnet, at, cft (default) or mktn"),
+    "--method": ("distill.method", "student, kd, fitnet, at, cft (default), mktn, dkd, dist, ofd, "
+                                   "reviewkd, crd, or a composition like cft+dkd, kd+ls"),
     "--teacher": ("distill.teachers", "a trained teacher (.keras file or run folder); give it "
                                       "twice for mktn: the reconstruction teacher, then the "
                                       "classifier"),
-    "--student-model": ("student.model", "student backbone from the model zoo"),
-    "--dataset": ("data.dataset", "cifar10, cifar100, digits (offline default) or folder:PATH"),
-    "--data-dir": ("data.data_dir", "folder holding the canonical CIFAR python batches; without "
-                                    "it CIFAR comes from TensorFlow Datasets"),
-    "--teacher-model": ("teacher.model", "teacher backbone from the model zoo"),
+    "--student-model": ("student.model", "student backbone: a zoo model, keras:NAME or keras_hub:PRESET"),
+    "--dataset": ("data.dataset", "cifar10, cifar100, digits (offline default), folder:PATH or tfds:NAME"),
+    "--data-dir": ("data.data_dir", "folder holding the canonical CIFAR python batches (without it "
+                                    "CIFAR comes from TensorFlow Datasets), or tfds:NAME's data folder"),
+    "--teacher-model": ("teacher.model", "teacher backbone: a zoo model, keras:NAME or keras_hub:PRESET"),
     "--epochs": ("epochs", "training epochs of every stage that trains"),
     "--batch-size": ("data.batch_size", "global batch size"),
     "--run-dir": ("run_dir", "output folder; re-running the same command resumes there"),

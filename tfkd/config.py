@@ -27,6 +27,7 @@ STAGES = ("teacher", "distill", "export", "all")
 EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx", "onnx_int8")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PIPELINES = ("auto", "memory", "streaming")
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 #: Upper bounds that catch a mistyped count before it becomes a run that never ends.
 MAX_EPOCHS = 100_000
 MAX_BATCH = 65_536
@@ -199,6 +200,10 @@ class RunConfig:
     deterministic: bool = option(False, "TensorFlow op determinism: with the same seed, two runs "
                                          "on the same machine give identical results (slower)")
     sync_batchnorm: bool = option(False, "batch statistics over the global batch across replicas")
+    mixed_precision: str = option("float32", "Keras dtype policy of the models while they train: "
+                                             "float32, mixed_bfloat16 or mixed_float16 (losses, the "
+                                             "discriminator and metrics stay float32; saved models "
+                                             "and exports are float32)")
     progress: Optional[int] = option(None, "Keras progress output: 0 silent, 1 bar, 2 one line per "
                                            "epoch; unset: bar on a terminal, lines otherwise")
     data: DataConfig = section(DataConfig, "dataset and input pipeline")
@@ -404,6 +409,8 @@ def validate(config: RunConfig) -> None:
     _check(config.stage in STAGES, "stage", config.stage, f"one of {', '.join(STAGES)}")
     _check(config.strategy in STRATEGIES, "strategy", config.strategy,
            f"one of {', '.join(STRATEGIES)}")
+    _check(config.mixed_precision in POLICIES, "mixed_precision", config.mixed_precision,
+           f"one of {', '.join(POLICIES)}")
     _check(bool(str(config.run_dir).strip()), "run_dir", config.run_dir, "a folder path")
     problem = rundir.folder_problem(config.run_dir)
     _check(problem is None, "run_dir", config.run_dir, f"a folder tfkd can write ({problem})")

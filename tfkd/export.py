@@ -465,10 +465,17 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] | Non
     ``out`` must be new, empty or a previous tfkd export (``check_out``). Raises
     ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
     """
+    from tfkd import precision
+
+    with precision.policy_scope("float32"):  # exports are float32, whatever a run trained in
+        return _export(model_path, out, settings_of(settings, formats, **changes), data_dir, data)
+
+
+def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: str | None,
+            data: Any) -> dict[str, Any]:
     from tfkd import rundir
     from tfkd.errors import ConfigError, ExportError
 
-    settings = settings_of(settings, formats, **changes)
     check_options(settings)
     formats = list(settings.formats)
     out = check_out(out, model_path)

@@ -146,7 +146,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     and only the decoder starts fresh; the backbone then has an optimizer of its own, at
     ``teacher.backbone_lr_scale`` times the rate and still for ``teacher.freeze_epochs``.
     """
-    from tfkd import callbacks, io, models
+    from tfkd import callbacks, io, models, precision
     from tfkd.teacher import ReconstructionTeacher
 
     tcfg, batch = cfg.teacher, cfg.data.batch_size
@@ -191,7 +191,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         if lambda_rec > 0 else []
     history, val, test, meter = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
     with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
-        teacher.save(tmp)
+        precision.with_policy(teacher).save(tmp)  # float32 whatever it trained in
     _drop_backup(out_dir, name)
     return {
         "model": backbone.name if tcfg.init_from else tcfg.model, "lambda_cls": lambda_cls,
@@ -357,7 +357,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                   teacher_paths: Sequence[str | Path], teachers: Sequence[Any] | None = None) -> dict[str, Any]:
     """Distills the student with the configured method; saves ``student.keras``; returns metrics.
     ``teachers`` are the loaded ``teacher_paths`` when the caller has them already."""
-    from tfkd import io, models
+    from tfkd import io, models, precision
 
     dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
     start = time.perf_counter()
@@ -375,7 +375,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
                                      with_index=distiller.needs_index)
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
-        student.save(tmp)
+        precision.with_policy(student).save(tmp)  # float32 whatever it trained in: exports are float32
     _drop_backup(out_dir, "distill")
     last = {k: v[-1] for k, v in history.items() if k.startswith("d_")}
     return {
@@ -511,14 +511,24 @@ def run(cfg: config_lib.RunConfig, retrain: bool = False, verbose: bool = False)
     Nothing is written before the data and any given teacher files have loaded and checked out;
     then the folder is locked for this process, checked against what it holds (``retrain``
     trains a stage with other settings again) and described in ``config.yaml``/``dataset.json``.
-    ``verbose`` shows TensorFlow's own start-up log.
+    ``verbose`` shows TensorFlow's own start-up log. Models are built and trained under the
+    ``mixed_precision`` dtype policy (``tfkd.precision``), which is restored afterwards.
     """
+    from tfkd import cli
+
+    cli.import_tensorflow(verbose)
+    from tfkd import precision
+
+    with precision.policy_scope(cfg.mixed_precision):
+        return _run_stages(cfg, retrain)
+
+
+def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
     import shutil
 
     from tfkd import cli, rundir
     from tfkd.errors import ConfigError
 
-    cli.import_tensorflow(verbose)
     from tfkd.strategy import is_chief, make_strategy, task_name
 
     strategy = make_strategy(cfg.strategy)  # first: multi-worker must start before other ops

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from tfkd import losses
+from tfkd import losses, precision
 from tfkd.models.common import batch_norm, conv
 
 
@@ -101,8 +101,9 @@ class ReconstructionTeacher(keras.Model):
         reconstruction = None
         if not (training and self.lambda_rec == 0):
             reconstruction = self.decoder(out["features"][-1], training=training)
-        return {"logits": out["logits"], "features": out["features"],
-                "reconstruction": reconstruction}
+        # the losses and metrics read float32 whatever the layers computed in
+        return precision.float32({"logits": out["logits"], "features": out["features"],
+                                  "reconstruction": reconstruction})
 
     def compute_losses(self, images: tf.Tensor, labels: tf.Tensor,
                        outputs: dict[str, Any]) -> dict[str, tf.Tensor]:
@@ -131,6 +132,8 @@ class ReconstructionTeacher(keras.Model):
         pretrained backbone at its own rate) everything but the backbone."""
         super().compile(optimizer=optimizer, **kwargs)
         self.backbone_optimizer = keras.optimizers.get(backbone_optimizer) if backbone_optimizer else None
+        if self.backbone_optimizer is not None and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.backbone_optimizer = keras.optimizers.LossScaleOptimizer(self.backbone_optimizer)
 
     def _variable_groups(self) -> list[tuple[Any, list[tf.Variable]]]:
         if getattr(self, "backbone_optimizer", None) is None:
@@ -157,14 +160,7 @@ class ReconstructionTeacher(keras.Model):
             outputs = self(images, training=True)
             terms = self.compute_losses(images, labels, outputs)
             scaled = losses.scale_for_replicas(terms["loss"])
-        groups = self._variable_groups()
-        gradients = tape.gradient(scaled, [v for _, variables in groups for v in variables])
-        start = 0
-        for optimizer, variables in groups:
-            pairs = [(g, v) for g, v in zip(gradients[start:start + len(variables)], variables) if g is not None]
-            start += len(variables)
-            if pairs:
-                optimizer.apply_gradients(pairs)
+        precision.apply_gradients(tape, scaled, self._variable_groups())
         return self._update_metrics(images, labels, outputs, terms)
 
     def test_step(self, data: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from tfkd import losses
+from tfkd import losses, precision
 from tfkd.distill.terms import BuildContext, StepInputs, Term, resolve_stages
 from tfkd.errors import ModelError
 
@@ -56,9 +56,10 @@ class Distiller(keras.Model):
         if missing:
             raise ModelError(f"terms {[t.name for t in self.terms]} need the teacher(s) {missing}")
         ctx = BuildContext(student, teachers, sync_bn, steps_per_epoch, train_labels)
-        for term in self.terms:
-            term.build(ctx)
-            ctx.built[term.name] = term
+        with precision.policy_scope("float32"):  # the terms' layers compute what the losses read
+            for term in self.terms:
+                term.build(ctx)
+                ctx.built[term.name] = term
         self.term_layers = _unique([layer for term in self.terms for layer in term.layers])
         self.auxiliary_layers = _unique([layer for term in self.terms for layer in term.auxiliary_layers])
         self.auxiliary_terms = [t for t in self.terms if t.auxiliary_variables()]
@@ -147,10 +148,11 @@ class Distiller(keras.Model):
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images, index = (x["images"], x.get("index")) if isinstance(x, dict) else (x, None)
-        teacher_outputs = {role: model(images, training=False) for role, model in self.teacher_models.items()}
+        teacher_outputs = {role: precision.float32(model(images, training=False))
+                           for role, model in self.teacher_models.items()}
         with tf.GradientTape() as tape:
-            batch = StepInputs(labels, self.student(images, training=True), teacher_outputs, index,
-                               True, self.optimizer.iterations)
+            batch = StepInputs(labels, precision.float32(self.student(images, training=True)),
+                               teacher_outputs, index, True, self.optimizer.iterations)
             for term in self.terms:
                 term.prepare(batch)
             logs: dict[str, tf.Tensor] = {}
@@ -160,8 +162,7 @@ class Distiller(keras.Model):
             values = {t.name: t.compute(batch) for t in self.terms}
             total = self.weighted_total(values)
             scaled = losses.scale_for_replicas(total)
-        variables = self.student_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        precision.apply_gradients(tape, scaled, [(self.optimizer, self.student_variables)])
         if "ce" not in values:  # logged for every method, so runs compare
             values["ce"] = losses.cross_entropy(labels, batch.student["logits"])
         return self._update_metrics(labels, batch.student, {"loss": total, **values, **logs})
@@ -169,7 +170,7 @@ class Distiller(keras.Model):
     def test_step(self, data: Any) -> dict[str, tf.Tensor]:
         """Evaluates the student alone: its cross-entropy (as ``loss``) and accuracy."""
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        student = self(x, training=False)
+        student = precision.float32(self(x, training=False))
         ce = losses.cross_entropy(labels, student["logits"])
         self.trackers["loss"].update_state(ce)
         self.trackers["ce"].update_state(ce)
