@@ -94,11 +94,13 @@ class OptimizerConfig:
 class TeacherConfig:
     """The reconstruction-augmented teacher (``teacher.*``)."""
 
-    model: str = option("resnet20", "teacher backbone: a zoo model or keras:NAME (a "
-                                    "keras.applications network with a new head)")
-    weights: Optional[str] = option(None, "keras:NAME only: the network's starting weights: unset "
-                                          "(random), imagenet (downloaded by Keras) or a weights file "
-                                          "of the network without its top")
+    model: str = option("resnet20", "teacher backbone: a zoo model, keras:NAME (a "
+                                    "keras.applications network) or keras_hub:PRESET (a KerasHub "
+                                    "image classifier's backbone: a preset name or folder), with a new head")
+    weights: Optional[str] = option(None, "keras:/keras_hub: only: the network's starting weights: "
+                                          "unset (random), imagenet (downloaded by Keras; for KerasHub "
+                                          "the preset's own, also 'preset') or a weights file of the "
+                                          "network without its top")
     epochs: int = option(30, "training epochs")
     lambda_cls: float = option(1.0, "weight of the classification (cross-entropy) loss; 0 makes "
                                     "an autoencoder (MKTN Teacher1)")
@@ -118,12 +120,16 @@ class TeacherConfig:
 class StudentConfig:
     """The student (``student.*``)."""
 
-    model: str = option("resnet8", "student backbone: a zoo model or keras:NAME (a "
-                                   "keras.applications network with a new head)")
-    weights: Optional[str] = option(None, "keras:NAME only: the network's starting weights: unset "
-                                          "(random), imagenet or a weights file of the network "
-                                          "without its top")
+    model: str = option("resnet8", "student backbone: a zoo model, keras:NAME or keras_hub:PRESET "
+                                   "(as teacher.model), with a new head")
+    weights: Optional[str] = option(None, "keras:/keras_hub: only: the network's starting weights "
+                                          "(as teacher.weights)")
     epochs: int = option(30, "training epochs")
+    backbone_lr_scale: float = option(1.0, "learning rate of the student's body (all but its new "
+                                           "logits head) relative to the head's and the adapters' "
+                                           "(0.1 fine-tunes pretrained weights gently)")
+    freeze_epochs: int = option(0, "epochs at the start in which the student's body does not "
+                                   "change (its new head and the adapters learn first)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
 
 
@@ -142,7 +148,7 @@ def _distill_config() -> type:
         ("teacher_layers", List[str], option([], "layers of a teacher that is not a tfkd model whose "
                                                  "outputs are its stage feature maps, shallow to deep; "
                                                  "empty: the last layer at each spatial resolution")),
-        ("student_layers", List[str], option([], "the same for a keras:NAME student (layer names of "
+        ("student_layers", List[str], option([], "the same for a keras:/keras_hub: student (layer names of "
                                                  "the keras.applications network)")),
         ("teacher_output", str, option("auto", "what a teacher that is not a tfkd model outputs: "
                                                "auto (read from its last layer's activation), logits "
@@ -388,11 +394,14 @@ def _check(condition: bool, key: str, value: Any, expected: str) -> None:
 def _check_weights(part: str, model: str, weights: Optional[str]) -> None:
     if weights is None:
         return
-    _check(model.startswith("keras:"), f"{part}.weights", weights,
+    _check(model.startswith(("keras:", "keras_hub:")), f"{part}.weights", weights,
            f"unset: {part}.model {model} is a zoo model"
            + (" (start the teacher from a trained classifier with teacher.init_from)" if part == "teacher" else ""))
-    _check(weights == "imagenet" or Path(weights).is_file(), f"{part}.weights", weights,
-           "imagenet or an existing weights file (.weights.h5 / .h5 of the network without its top)")
+    hub = model.startswith("keras_hub:")
+    _check(weights == "imagenet" or (hub and weights == "preset") or Path(weights).is_file(),
+           f"{part}.weights", weights,
+           ("imagenet or preset (the preset's own weights), " if hub else "imagenet or ")
+           + "an existing weights file (.weights.h5 / .h5 of the network without its top)")
 
 
 def validate(config: RunConfig) -> None:
@@ -453,6 +462,9 @@ def validate(config: RunConfig) -> None:
     _check_weights("student", student.model, student.weights)
     _check(1 <= student.epochs <= MAX_EPOCHS, "student.epochs", student.epochs,
            f"an integer from 1 to {MAX_EPOCHS}")
+    _check(student.backbone_lr_scale >= 0, "student.backbone_lr_scale", student.backbone_lr_scale, ">= 0")
+    _check(0 <= student.freeze_epochs <= student.epochs, "student.freeze_epochs", student.freeze_epochs,
+           f"an integer from 0 to student.epochs ({student.epochs})")
     for name, opt in (("teacher", teacher.optimizer), ("student", student.optimizer)):
         _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
         _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")

@@ -136,6 +136,18 @@ def _scaled_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epo
     return ScaledSchedule(_learning_rate(opt, batch_size, steps_per_epoch, epochs), scale, frozen_steps)
 
 
+def _backbone_sgd(section: Any, batch_size: int, steps_per_epoch: int) -> Any:
+    """The optimizer of a pretrained body (``teacher``/``student`` section): the section's SGD
+    at ``backbone_lr_scale`` times its rate, and still for its first ``freeze_epochs``."""
+    import keras
+
+    opt = section.optimizer
+    rate = _scaled_rate(opt, batch_size, steps_per_epoch, section.epochs, section.backbone_lr_scale,
+                        section.freeze_epochs * steps_per_epoch)
+    return keras.optimizers.SGD(rate, momentum=opt.momentum, nesterov=True,
+                                weight_decay=opt.weight_decay or None)
+
+
 def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   name: str = "teacher", lambda_cls: float | None = None,
                   lambda_rec: float | None = None) -> dict[str, Any]:
@@ -175,14 +187,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                                         head_layers=fresh_head, name=name)
         optimizer = _sgd(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs)
         separate = bool(tcfg.init_from) or tcfg.backbone_lr_scale != 1.0 or tcfg.freeze_epochs > 0
-        backbone_optimizer = None
-        if separate:
-            import keras
-
-            rate = _scaled_rate(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs,
-                                tcfg.backbone_lr_scale, tcfg.freeze_epochs * steps_per_epoch)
-            backbone_optimizer = keras.optimizers.SGD(rate, momentum=tcfg.optimizer.momentum, nesterov=True,
-                                                      weight_decay=tcfg.optimizer.weight_decay or None)
+        backbone_optimizer = _backbone_sgd(tcfg, batch, steps_per_epoch) if separate else None
         teacher.compile(optimizer=optimizer, backbone_optimizer=backbone_optimizer)
         teacher(data.normalize(data.sample("train", 2)))  # build, so a backup can be restored
         teacher.build_optimizers()
@@ -248,7 +253,9 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
     tapped (``tfkd.models.taps``; ``distill.teacher_layers``, ``distill.teacher_output``). What
     the model takes is read from it (``tfkd.models.wrap``) unless ``distill.teacher_input``
     says: a tfkd teacher its stored normalization, a model starting with a preprocessing layer
-    [0, 255] pixels, a model with a run folder that folder's normalization (``dataset.json``).
+    [0, 255] pixels, a KerasHub task what its separate preprocessor's image converter makes of
+    them, a model with a run folder that folder's normalization (``dataset.json``). A model
+    built for any image size is read at this run's size (``taps.at_size``).
     A teacher trained on another dataset is refused when its record says so (its normalization,
     ``dataset.json`` beside it, or the class names of an imported model's ``<name>.json``); a
     teacher with no such record, or a plain classifier where reconstruction features are
@@ -264,7 +271,11 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
     model, path = io.load_keras(path, "teacher.keras", "teacher")
     backbone = model.backbone if isinstance(model, ReconstructionTeacher) else model
     if not taps.is_tfkd_model(backbone) or layers:
-        backbone, how = taps.tap(backbone, layers, output, path=str(path))
+        sized = taps.at_size(backbone, *data.image_shape[:2])
+        if sized is not backbone:
+            _note(f"{path} takes images of any size: reading it at this run's {data.image_shape[0]}x"
+                  f"{data.image_shape[1]} (data.image_size)")
+        backbone, how = taps.tap(sized, layers, output, path=str(path))
         _note(f"{path}: {how}")
     classes = int(backbone.output["logits"].shape[-1])
     if classes != data.num_classes:
@@ -287,6 +298,7 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
         raise ModelError(f"{path}: classifies {imported['class_names'][:3]}..., this run's {data.name} "
                          f"has {data.class_names[:3]}... (says {io.model_record_path(path)})")
     builtin = wrap.builtin_preprocessing(backbone)
+    separate = wrap.separate_preprocessing(model, str(path))
     if told_input != "auto":
         convention = (wrap.InputConvention(tuple(data.mean.tolist()), tuple(data.std.tolist()), "told: dataset")
                       if told_input == "dataset" else wrap.named(told_input, f"told: {told_input}"))
@@ -302,6 +314,9 @@ def load_teacher(path: str | Path, data: Any, role: str = "teacher", distill: An
     elif builtin is not None:
         convention = wrap.pixels(f"{builtin}")
         _note(f"{path} {builtin}: feeding it [0, 255] pixels")
+    elif separate is not None:
+        convention = separate
+        _note(f"{path}: feeding it what {separate.reason} makes of [0, 255] pixels")
     elif record is not None:
         convention = wrap.InputConvention(tuple(record["mean"]), tuple(record["std"]),
                                           "the normalization of its run folder")
@@ -370,7 +385,9 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         steps_per_epoch = data.steps_per_epoch(batch)
         distiller = build_distiller(cfg, student, teachers, steps_per_epoch, lambda: data.train_labels)
         optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
-        distiller.compile(optimizer=optimizer)  # a term with an optimizer of its own built it
+        separate = scfg.backbone_lr_scale != 1.0 or scfg.freeze_epochs > 0
+        distiller.compile(optimizer=optimizer,  # a term with an optimizer of its own built it
+                          backbone_optimizer=_backbone_sgd(scfg, batch, steps_per_epoch) if separate else None)
         distiller.build_all()
     history, val, test, meter = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
                                      with_index=distiller.needs_index)

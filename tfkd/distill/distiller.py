@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfkd import losses, precision
 from tfkd.distill.terms import BuildContext, StepInputs, Term, resolve_stages
 from tfkd.errors import ModelError
+from tfkd.models.applications import HEAD_LAYERS
 
 __all__ = ["Distiller", "from_config", "resolve_stages"]
 
@@ -40,13 +41,16 @@ class Distiller(keras.Model):
         sync_bn: synchronized batch norm in the terms' layers.
         steps_per_epoch, train_labels: what warm-ups and memory banks are sized from (the
             labels, or a function returning them: ``BuildContext.train_labels``).
+        head_layers: the student's layers that are new on a pretrained network (its head): with a
+            ``backbone_optimizer`` they train at the full rate, with the terms' layers.
     """
 
     def __init__(self, student: keras.Model, teachers: dict[str, keras.Model] | None = None,
                  terms: Sequence[Term] = (), sync_bn: bool = False, steps_per_epoch: int = 1,
-                 train_labels: Any = None, **kwargs: Any) -> None:
+                 train_labels: Any = None, head_layers: Sequence[str] = HEAD_LAYERS, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.student = student
+        self.head_layers = tuple(head_layers)
         teachers = dict(teachers or {})
         for role, model in teachers.items():
             model.trainable = False
@@ -90,6 +94,19 @@ class Distiller(keras.Model):
             variables += layer.trainable_variables
         return variables
 
+    def variable_groups(self) -> list[tuple[Any, list[tf.Variable]]]:
+        """(optimizer, variables) of the student step: everything with ``optimizer``, or the
+        student's body with ``backbone_optimizer`` and the rest (its head, the terms' layers)
+        with ``optimizer``."""
+        variables = self.student_variables
+        if getattr(self, "backbone_optimizer", None) is None:
+            return [(self.optimizer, variables)]
+        head = {id(v) for layer in self.student.layers if layer.name in self.head_layers
+                for v in layer.trainable_variables}
+        body = [v for v in self.student.trainable_variables if id(v) not in head]
+        mine = {id(v) for v in body}
+        return [(self.optimizer, [v for v in variables if id(v) not in mine]), (self.backbone_optimizer, body)]
+
     @property
     def discriminator_variables(self) -> list[tf.Variable]:
         """What the terms' own optimizers train (the discriminators)."""
@@ -106,10 +123,16 @@ class Distiller(keras.Model):
             return list(self.teacher_models.values())[-1] if self.teacher_models else None
         return self.teacher_models[role]
 
-    def compile(self, optimizer: Any = "sgd", discriminator_optimizer: Any = None, **kwargs: Any) -> None:
-        """``optimizer`` trains the student and the terms' layers; ``discriminator_optimizer``,
-        when given, replaces the optimizer of every term that has one of its own."""
+    def compile(self, optimizer: Any = "sgd", discriminator_optimizer: Any = None,
+                backbone_optimizer: Any = None, **kwargs: Any) -> None:
+        """``optimizer`` trains the student and the terms' layers; ``backbone_optimizer``, when
+        given, trains the student's body instead (all but its ``head_layers``: a pretrained
+        network fine-tuned at its own rate); ``discriminator_optimizer``, when given, replaces
+        the optimizer of every term that has one of its own."""
         super().compile(optimizer=optimizer, **kwargs)
+        self.backbone_optimizer = keras.optimizers.get(backbone_optimizer) if backbone_optimizer else None
+        if self.backbone_optimizer is not None and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self.backbone_optimizer = keras.optimizers.LossScaleOptimizer(self.backbone_optimizer)
         if discriminator_optimizer is not None:
             given = keras.optimizers.get(discriminator_optimizer)
             self.auxiliary_optimizers = []
@@ -129,7 +152,8 @@ class Distiller(keras.Model):
         into built models and optimizers.
         """
         self.build(self.student.input_shape)
-        self.optimizer.build(self.student_variables)
+        for optimizer, variables in self.variable_groups():
+            optimizer.build(variables)
         for term, optimizer in zip(self.auxiliary_terms, self.auxiliary_optimizers):
             optimizer.build(term.auxiliary_variables())
 
@@ -162,7 +186,7 @@ class Distiller(keras.Model):
             values = {t.name: t.compute(batch) for t in self.terms}
             total = self.weighted_total(values)
             scaled = losses.scale_for_replicas(total)
-        precision.apply_gradients(tape, scaled, [(self.optimizer, self.student_variables)])
+        precision.apply_gradients(tape, scaled, self.variable_groups())
         if "ce" not in values:  # logged for every method, so runs compare
             values["ce"] = losses.cross_entropy(labels, batch.student["logits"])
         return self._update_metrics(labels, batch.student, {"loss": total, **values, **logs})

@@ -6,7 +6,8 @@ classification and one feature map per stage, shallow to deep, for distillation.
 
 The registry is plain data (name -> builder module, function and arguments), so option
 validation can check a model name without importing Keras; ``get`` imports the builder.
-``keras:NAME`` names a ``keras.applications`` network with a new head (``tfkd.models.applications``).
+``keras:NAME`` names a ``keras.applications`` network and ``keras_hub:PRESET`` a KerasHub
+preset's backbone, each with a new head (``tfkd.models.applications``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def names() -> list[str]:
 
 
 def is_known(name: str) -> bool:
-    """A zoo model or a ``keras:NAME`` network (checked without importing Keras)."""
+    """A zoo model, a ``keras:NAME`` network or a ``keras_hub:PRESET`` (checked without importing
+    Keras)."""
     from tfkd.models import applications
 
     return name in REGISTRY or applications.is_application(name)
@@ -46,7 +48,7 @@ def is_known(name: str) -> bool:
 
 def expected_names() -> str:
     """What a model option may say, for error messages."""
-    return f"a zoo model ({', '.join(names())}) or keras:NAME (README, 'Your own model')"
+    return f"a zoo model ({', '.join(names())}), keras:NAME or keras_hub:PRESET (README, 'Your own model')"
 
 
 def get(name: str, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
@@ -55,14 +57,14 @@ def get(name: str, num_classes: int, input_shape: Sequence[int] = (32, 32, 3),
         layers: Sequence[str] = ()) -> Any:
     """Builds the registered model ``name`` for ``num_classes`` classes.
 
-    ``keras:NAME`` networks also take ``weights`` (None, ``imagenet`` or a file),
+    ``keras:NAME``/``keras_hub:PRESET`` networks also take ``weights`` (None, ``imagenet`` or a file),
     ``normalization`` (the run's mean and std, which their feed layer maps onto the network's
     own convention) and ``layers`` (named taps). Raises ``KeyError`` naming the known models
     when ``name`` is not registered.
     """
     from tfkd.models import applications
 
-    if name.startswith(applications.PREFIX):
+    if name.startswith((applications.PREFIX, applications.HUB_PREFIX)):
         return applications.build(name, num_classes, input_shape, weights=weights,
                                   normalization=normalization, layers=layers, api=api)
     if name not in REGISTRY:

@@ -1,16 +1,23 @@
-"""``keras:NAME``: a ``keras.applications`` network as a tfkd model (teacher or student).
+"""Pretrained network families as tfkd models (teacher or student): ``keras:NAME`` and
+``keras_hub:PRESET``.
 
-The network is built without its top (``include_top=False``) with the weights asked for
-(``none``, ``imagenet``, or a weights file of the top-less network), tapped (``tfkd.models.taps``:
-the last layer at each resolution, or named layers), and given a new head for the dataset's
-classes: global average pooling and a dense ``logits`` layer. In front sits one ``feed`` layer
-that turns the run's normalized images into what the network takes: ``keras.applications``
-networks differ (MobileNetV3, EfficientNet and ConvNeXt rescale [0, 255] pixels inside;
-MobileNetV2, ResNetV2 and Xception take [-1, 1]; DenseNet ImageNet-normalized [0, 1]), and the
-table below says which, so nothing is guessed.
+``keras:NAME`` is a ``keras.applications`` network built without its top (``include_top=False``)
+with the weights asked for (``none``, ``imagenet``, or a weights file of the top-less network).
+``keras_hub:PRESET`` is the backbone of a KerasHub image classifier preset: a preset name
+(downloaded by KerasHub on a connected machine) or a local preset folder (``save_to_preset``),
+with its own weights (``weights=imagenet`` or ``preset``) or random ones (unset).
 
-The names and conventions are plain data, so an option naming a network is checked without
-importing Keras.
+Either is tapped (``tfkd.models.taps``: the last layer at each resolution, or named layers) and
+given a new head for the dataset's classes: global average pooling and a dense ``logits`` layer.
+In front sits one ``feed`` layer that turns the run's normalized images into what the network
+takes, read, never guessed: ``keras.applications`` networks differ (MobileNetV3, EfficientNet and
+ConvNeXt rescale [0, 255] pixels inside; MobileNetV2, ResNetV2 and Xception take [-1, 1];
+DenseNet ImageNet-normalized [0, 1]) and the table below says which; a KerasHub preset keeps its
+rescaling in its preprocessor's image converter (``scale``/``offset``), which is read from the
+preset.
+
+The ``keras:`` names and conventions are plain data, so an option naming a network is checked
+without importing Keras.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from types import ModuleType
 from typing import Any, Sequence
 
 PREFIX = "keras:"
+HUB_PREFIX = "keras_hub:"
 #: The layers ``build`` puts on top of the network that hold weights: new even when the network
 #: is pretrained, so they train at the full rate (``ReconstructionTeacher.head_layers``).
 HEAD_LAYERS = ("logits",)
@@ -37,36 +45,61 @@ NETWORKS: dict[str, str] = {
 
 
 def is_application(name: str) -> bool:
-    """True for ``keras:NAME`` with NAME a network of ``NETWORKS``."""
+    """True for ``keras:NAME`` with NAME a network of ``NETWORKS``, and for ``keras_hub:PRESET``
+    (whether the preset exists is known when it is built)."""
+    if name.startswith(HUB_PREFIX):
+        return bool(name[len(HUB_PREFIX):].strip())
     return name.startswith(PREFIX) and name[len(PREFIX):] in NETWORKS
 
 
 def network(name: str) -> str:
-    """``keras:MobileNetV3Small`` -> ``MobileNetV3Small``."""
-    return name[len(PREFIX):]
+    """``keras:MobileNetV3Small`` -> ``MobileNetV3Small``; ``keras_hub:PRESET`` -> ``PRESET``."""
+    return name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name[len(PREFIX):]
 
 
 def model_name(name: str) -> str:
-    """The Keras model name of ``keras:NAME`` (no colon: it names variables and files)."""
+    """The Keras model name of ``keras:NAME`` / ``keras_hub:PRESET`` (letters, digits and
+    underscores only: it names variables and files)."""
+    import re
+
+    if name.startswith(HUB_PREFIX):
+        preset = network(name).rstrip("/\\").replace("\\", "/").split("/")[-1]
+        return "keras_hub_" + re.sub(r"[^A-Za-z0-9_]", "_", preset)
     return f"keras_{network(name)}"
 
 
 def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3),
           weights: str | None = None, normalization: tuple[Sequence[float], Sequence[float]] | None = None,
           layers: Sequence[str] = (), api: ModuleType | None = None) -> Any:
-    """The tfkd model of ``keras:NAME``: ``{"logits", "features", "preact"}``.
+    """The tfkd model of ``keras:NAME`` or ``keras_hub:PRESET``: ``{"logits", "features", "preact"}``.
 
     ``normalization``: the (mean, std) the run normalizes its images with; the feed layer maps
     them onto the network's convention (None: the inputs are already in it). ``weights``: None,
-    ``imagenet`` or a file. ``layers``: the taps (default: the last layer at each resolution).
+    ``imagenet`` (``preset`` too for KerasHub) or a file. ``layers``: the taps (default: the last
+    layer at each resolution).
     """
     import keras
 
     from tfkd.errors import ModelError
-    from tfkd.models import taps, wrap
 
     if api is not None and api is not keras:
-        raise ModelError(f"{name}: keras.applications networks are built with Keras 3 only")
+        raise ModelError(f"{name}: keras.applications and KerasHub networks are built with Keras 3 only")
+    if name.startswith(HUB_PREFIX):
+        base, convention = _hub_backbone(name, input_shape, weights)
+        body = f"{model_name(name)}_body"
+    else:
+        base, convention = _application(name, input_shape, weights)
+        body = network(name).lower()
+    return with_head(base, convention, num_classes, input_shape, normalization, layers, model_name(name), body)
+
+
+def _application(name: str, input_shape: Sequence[int], weights: str | None) -> tuple[Any, Any]:
+    """A top-less ``keras.applications`` network and the input convention it takes."""
+    import keras
+
+    from tfkd.errors import ModelError
+    from tfkd.models import wrap
+
     net = network(name)
     if net not in NETWORKS:
         raise ModelError(f"unknown network {name!r}; keras: networks: {', '.join(sorted(NETWORKS))}")
@@ -85,17 +118,67 @@ def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3
                              "on a machine without internet access, download them elsewhere and "
                              "pass the file as weights") from None
         raise
+    return base, wrap.named(NETWORKS[net], f"keras.applications.{net}")
+
+
+def hub_convention(preset: str) -> Any:
+    """The input convention of a KerasHub preset, read from its image converter."""
+    import keras_hub
+
+    from tfkd.errors import ModelError
+    from tfkd.models import wrap
+
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+    except Exception as error:  # noqa: BLE001 - KerasHub raises several kinds for a missing file
+        raise ModelError(f"keras_hub:{preset}: its preset has no image converter to read the input "
+                         f"scaling from ({type(error).__name__}); tfkd reads it rather than guessing") from None
+    return wrap.converter_convention(converter, f"keras_hub:{preset}")
+
+
+def _hub_backbone(name: str, input_shape: Sequence[int], weights: str | None) -> tuple[Any, Any]:
+    """A KerasHub preset's backbone at ``input_shape`` and the input convention it takes."""
+    import keras_hub
+
+    from tfkd.errors import ModelError
+
+    preset = network(name).strip()
+    pretrained = weights in ("imagenet", "preset")
+    try:
+        base = keras_hub.models.Backbone.from_preset(preset, load_weights=pretrained,
+                                                     image_shape=tuple(input_shape))
+    except (ValueError, TypeError) as error:
+        raise ModelError(f"{name} at {tuple(input_shape)}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - a preset that cannot be downloaded offline
+        raise ModelError(f"{name}: KerasHub could not load the preset ({type(error).__name__}): on a "
+                         "machine without internet access, save it elsewhere with "
+                         "keras_hub.models.ImageClassifier.from_preset(...).save_to_preset(FOLDER) "
+                         "and pass keras_hub:FOLDER") from None
+    if weights not in (None, "imagenet", "preset"):
+        base.load_weights(weights)
+    return base, hub_convention(preset)
+
+
+def with_head(base: Any, convention: Any, num_classes: int, input_shape: Sequence[int],
+              normalization: tuple[Sequence[float], Sequence[float]] | None, layers: Sequence[str],
+              name: str, body_name: str) -> Any:
+    """A top-less network as a tfkd model ``name``: its taps (a model ``body_name``), a feed
+    layer mapping the run's normalized images onto ``convention``, and a new head (pooling and
+    a dense ``logits`` layer)."""
+    import keras
+
+    from tfkd.models import taps, wrap
+
     chosen = taps.named_taps(base, layers, "distill.student_layers/teacher_layers") if layers else taps.default_taps(base)
     body = keras.Model(base.input, {"features": [layer.output for layer in chosen],
                                     "preact": [taps.preactivation(layer) for layer in chosen]},
-                       name=net.lower())
+                       name=body_name)
     images = keras.Input(tuple(input_shape), name="images")
     x = images
     if normalization is not None:
-        convention = wrap.named(NETWORKS[net], f"keras.applications.{net}")
         x = wrap.feed_layer(normalization[0], normalization[1], convention)(images)
     out = body(x)
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(out["features"][-1])
     logits = keras.layers.Dense(num_classes, name="logits")(pooled)
     return keras.Model(images, {"logits": logits, "features": list(out["features"]),
-                                "preact": list(out["preact"])}, name=model_name(name))
+                                "preact": list(out["preact"])}, name=name)

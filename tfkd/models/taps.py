@@ -252,6 +252,47 @@ def preactivation(layer: Any) -> Any:
     return layer.output
 
 
+def _fix_sizes(config: Any, height: int, width: int) -> bool:
+    """Sets every free image size of a serialized model (input layers, KerasHub backbones'
+    ``image_shape``) to ``height x width`` in place; True when one was free."""
+    changed = False
+    if isinstance(config, dict):
+        inner = config.get("config")
+        if config.get("class_name") == "InputLayer" and isinstance(inner, dict):
+            shape = inner.get("batch_shape") or inner.get("batch_input_shape")
+            if isinstance(shape, (list, tuple)) and len(shape) == 4 and (shape[1] is None or shape[2] is None):
+                inner["batch_shape" if "batch_shape" in inner else "batch_input_shape"] = [shape[0], height, width, shape[3]]
+                changed = True
+        shape = config.get("image_shape")
+        if isinstance(shape, (list, tuple)) and len(shape) == 3 and (shape[0] is None or shape[1] is None):
+            config["image_shape"] = [height, width, shape[2]]
+            changed = True
+        for value in config.values():
+            changed = _fix_sizes(value, height, width) or changed
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            changed = _fix_sizes(value, height, width) or changed
+    return changed
+
+
+def at_size(model: Any, height: int, width: int) -> Any:
+    """``model`` with every free image size of its graph (its input, a nested network built for
+    any size) set to ``height x width``, same weights: the taps are then read at the run's
+    resolution. ``model`` itself when nothing in it is free."""
+    config = keras.saving.serialize_keras_object(model)
+    if not _fix_sizes(config, int(height), int(width)):
+        return model
+    try:
+        rebuilt = keras.saving.deserialize_keras_object(config)
+        rebuilt.set_weights(model.get_weights())
+    except Exception as error:  # noqa: BLE001 - a layer that cannot be rebuilt at a fixed size
+        raise ModelError(f"{model.name}: takes images of any size, and rebuilding it at {height}x{width} "
+                         f"to find its feature maps failed ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); save it with a "
+                         "fixed input size") from None
+    return rebuilt
+
+
 def tap(model: Any, layers: Sequence[str] = (), output: str = "auto", path: str | None = None,
         name: str | None = None, key: str = "distill.teacher_layers") -> tuple[Any, str]:
     """``model`` as ``{"logits", "features", "preact"}`` over its own layers, and a one-line

@@ -81,6 +81,25 @@ def builtin_preprocessing(model: Any) -> str | None:
     return None
 
 
+def converter_convention(converter: Any, what: str) -> InputConvention:
+    """The input convention of a KerasHub image converter: the network takes
+    ``pixels * scale + offset`` (per channel, [0, 255] pixels; unset: 1 and 0)."""
+    scale = np.broadcast_to(np.asarray(1.0 if converter.scale is None else converter.scale, np.float64), (3,))
+    offset = np.broadcast_to(np.asarray(0.0 if converter.offset is None else converter.offset, np.float64), (3,))
+    return InputConvention(tuple((-offset / scale).tolist()), tuple((1.0 / scale).tolist()),
+                           f"the image converter of {what} (scale {np.round(scale, 6).tolist()}, "
+                           f"offset {np.round(offset, 6).tolist()})")
+
+
+def separate_preprocessing(model: Any, what: str) -> InputConvention | None:
+    """The input convention a KerasHub task keeps in its separate preprocessor (its image
+    converter's rescaling), or None for a model without one."""
+    converter = getattr(getattr(model, "preprocessor", None), "image_converter", None)
+    if converter is None or not hasattr(converter, "scale"):
+        return None
+    return converter_convention(converter, what)
+
+
 def _affine(data_mean: Sequence[float], data_std: Sequence[float],
             convention: InputConvention) -> tuple[np.ndarray, np.ndarray]:
     d_mean, d_std = np.asarray(data_mean, np.float64), np.asarray(data_std, np.float64)
