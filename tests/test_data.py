@@ -197,3 +197,181 @@ def test_tfds_source_converts_what_tfds_returns(monkeypatch):
     monkeypatch.setattr(tfds, "load", failing_load)
     with pytest.raises(DataError, match="offline, pass --data-dir"):
         data.load_source("cifar100")
+
+
+# ------------------------------------------------------------------ larger images, streaming
+def _photo(height, width, seed):
+    """A smooth image (gradients and a stripe pattern) with a little noise: resizing it twice
+    or once gives nearly the same pixels, as with real photographs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    image = np.stack([yy * 255 / height, xx * 255 / width, 127 + 90 * np.sin(xx / 9.0 + seed)], -1)
+    return np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+
+
+def _photo_folder(root, classes=("cat", "dog", "fox"), per_class=12, split_folders=False):
+    """Class folders of JPEG and PNG photos of assorted sizes and aspect ratios."""
+    rng = np.random.default_rng(0)
+    for split in (("train", "test") if split_folders else ("",)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class if split != "test" else 3):
+                height, width = (int(v) for v in rng.integers(90, 260, 2))
+                suffix = ".jpg" if i % 2 else ".png"
+                Image.fromarray(_photo(height, width, 100 * c + i)).save(folder / f"{i}{suffix}", quality=95)
+    return root
+
+
+def test_streamed_folder_gives_what_the_in_memory_pipeline_gives(tmp_path):
+    root = _photo_folder(tmp_path / "photos")
+    memory = data.prepare(f"folder:{root}", image_size=96, pipeline="memory")
+    stream = data.prepare(f"folder:{root}", image_size=96, pipeline="streaming")
+    assert type(memory).__name__ == "ArrayData" and type(stream).__name__ == "StreamData"
+    assert memory.class_names == stream.class_names == ["cat", "dog", "fox"]
+    # no split folders: a stratified 10% test split, the same for every seed, then validation
+    assert [memory.count(s) for s in ("train", "val", "test")] == [28, 4, 4]  # 10% of 36, rounded up
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(memory.labels(split), stream.labels(split))
+    assert sorted(np.bincount(stream.labels("test"))) == [1, 1, 2]
+    a, labels = memory.pixels("test")
+    b, _ = stream.pixels("test")
+    assert a.shape == b.shape == (4, 96, 96, 3) and a.dtype == b.dtype == np.uint8
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.mean() < 2.0 and diff.max() <= 16  # one resize of the crop vs two (a window off by
+    # a few pixels would differ by tens on these stripes)
+    # exact statistics in memory, estimated from a sample when streamed (all 28 images here)
+    np.testing.assert_allclose(stream.mean, memory.mean, atol=1.5)
+    np.testing.assert_allclose(stream.std, memory.std, atol=1.5)
+    for prepared in (memory, stream):
+        x, y = next(iter(prepared.train_dataset(8, seed=0)))
+        assert x.shape == (8, 96, 96, 3) and x.dtype == tf.float32 and abs(float(tf.reduce_mean(x))) < 1.0
+        first = next(iter(prepared.train_dataset(8, seed=0)))[0].numpy()
+        np.testing.assert_array_equal(first, x.numpy())  # seeded
+        inputs, _ = next(iter(prepared.train_dataset(8, seed=0, with_index=True)))
+        assert set(inputs) == {"images", "index"} and inputs["index"].numpy().max() < prepared.count("train")
+    info = stream.info()
+    assert info["pipeline"] == "streaming" and info["preprocessing"] == {
+        "resize": "center_crop", "size": 96, "crop_fraction": 0.875}
+
+
+def test_evaluation_and_training_windows():
+    from tfkd.data import transforms
+
+    geometry = transforms.Geometry(224, crop_fraction=0.875, scale_min=0.25)
+    top, left, height, width = (int(v) for v in transforms.eval_window(300, 400, geometry))
+    assert (top, left, height, width) == (19, 69, 262, 262)  # 0.875 x 300 = 262.5 -> 262, centred
+    areas, ratios = [], []
+    for i in range(200):
+        top, left, height, width = (int(v) for v in transforms.train_window(300, 400, tf.constant([i, 7]), geometry))
+        assert 0 <= top and top + height <= 300 and 0 <= left and left + width <= 400
+        areas.append(height * width / (300 * 400))
+        ratios.append(width / height)
+    assert min(areas) >= 0.25 - 0.01 and max(areas) <= 1.0 and np.std(areas) > 0.1
+    assert min(ratios) >= 0.75 - 0.02 and max(ratios) <= 4 / 3 + 0.02
+    small = transforms.Geometry(32)
+    assert [int(v) for v in transforms.eval_window(40, 50, small)] == [0, 0, 40, 50]  # stretched whole
+
+
+def test_a_training_crop_is_the_window_resized_and_a_jpeg_decodes_only_its_window(tmp_path):
+    from tfkd.data import transforms
+
+    image = _photo(180, 240, 3)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(image).save(tmp_path / "a.jpg", quality=100)
+    geometry = transforms.Geometry(80, hflip=False)  # above 64 px: random-resized crops
+    seed = tf.constant([5, 9], tf.int64)
+    window_seed = tf.random.experimental.stateless_split(seed, 2)[0]
+    top, left, height, width = (int(v) for v in transforms.train_window(180, 240, window_seed, geometry))
+    assert (height, width) != (180, 240)
+    expected = transforms.resize(tf.constant(image[top:top + height, left:left + width]), 80).numpy()
+    png = transforms.train_bytes(tf.io.read_file(str(tmp_path / "a.png")), seed, geometry).numpy()
+    np.testing.assert_array_equal(png, expected)
+    jpeg = transforms.train_bytes(tf.io.read_file(str(tmp_path / "a.jpg")), seed, geometry).numpy()
+    assert np.abs(jpeg.astype(int) - expected.astype(int)).mean() < 2.0  # JPEG's own loss only
+
+
+def test_the_header_scan_names_a_bad_file_before_training_or_skips_and_counts(tmp_path):
+    root = _photo_folder(tmp_path / "photos", per_class=6, split_folders=True)
+    good = (root / "train" / "cat" / "1.jpg").read_bytes()
+    (root / "train" / "cat" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "train" / "dog" / "notes.png").write_text("not an image")
+    (root / "test" / "fox" / "empty.jpg").write_bytes(b"")
+    before = sorted(p.name for p in root.rglob("*"))
+    with pytest.raises(DataError) as info:
+        data.prepare(f"folder:{root}", image_size=96, pipeline="streaming")
+    message = str(info.value)
+    assert "\n" not in message and "unreadable image" in message and "2 more bad file(s)" in message
+    assert "truncated.jpg: unreadable image (truncated" in message and "data.skip_bad_files" in message
+    skipped = data.prepare(f"folder:{root}", image_size=96, pipeline="streaming", skip_bad_files=True)
+    assert skipped.skipped_files == 3 and skipped.info()["skipped_files"] == 3
+    assert skipped.count("train") + skipped.count("val") == 18 and skipped.count("test") == 9
+    assert len(list(skipped.pixel_batches("test", 4))) == 3  # every remaining file decodes
+    assert sorted(p.name for p in root.rglob("*")) == before  # the user's folder is untouched
+
+
+def test_auto_pipeline_streams_what_does_not_fit_the_memory_budget(tmp_path, capsys):
+    root = _photo_folder(tmp_path / "photos", per_class=10)
+    assert type(data.prepare(f"folder:{root}", image_size=96)).__name__ == "ArrayData"
+    streamed = data.prepare(f"folder:{root}", image_size=96, in_memory_mb=0)
+    assert type(streamed).__name__ == "StreamData"
+    assert "over data.in_memory_mb=0: streaming them" in capsys.readouterr().out
+
+
+def _tiny_tfds(data_dir, name="tiny_photos"):
+    """Prepares a small TFDS image-classification dataset in ``data_dir`` (as TFDS writes any)."""
+    import tensorflow_datasets as tfds
+
+    class TinyPhotos(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=["red", "green", "blue"])}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(40, 0), "test": self._generate_examples(12, 1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                height, width = (int(v) for v in rng.integers(70, 120, 2))
+                yield i, {"image": _photo(height, width, 1000 * seed + i), "label": i % 3}
+
+    TinyPhotos.name = name
+    TinyPhotos(data_dir=str(data_dir)).download_and_prepare()
+
+
+def test_a_tfds_dataset_is_read_offline_from_its_folder(tmp_path):
+    _tiny_tfds(tmp_path / "tfds")
+    found = {}
+    for pipeline in ("memory", "streaming"):
+        prepared = data.prepare("tfds:tiny_photos", str(tmp_path / "tfds"), image_size=72, pipeline=pipeline)
+        assert prepared.class_names == ["red", "green", "blue"]
+        # its own test split; validation: the last 10% of its training split
+        assert [prepared.count(s) for s in ("train", "val", "test")] == [36, 4, 12]
+        np.testing.assert_array_equal(np.bincount(prepared.labels("test")), [4, 4, 4])
+        train_and_val = np.concatenate([prepared.labels("train"), prepared.labels("val")])
+        np.testing.assert_array_equal(np.bincount(train_and_val), [14, 13, 13])  # i % 3 of 40
+        x, y = next(iter(prepared.train_dataset(6)))
+        assert x.shape == (6, 72, 72, 3)
+        images, labels = prepared.pixels("test")
+        assert images.shape == (12, 72, 72, 3)
+        np.testing.assert_array_equal(labels, prepared.labels("test"))
+        found[pipeline] = images
+    assert np.abs(found["memory"].astype(int) - found["streaming"].astype(int)).mean() < 2.0
+
+
+def test_a_tfds_dataset_missing_offline_names_what_to_fetch(tmp_path):
+    folder = tmp_path / "tfds"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(DataError) as info:
+        data.prepare("tfds:oxford_flowers102", str(folder), image_size=64)
+    message = str(info.value)
+    assert "\n" not in message and "not prepared in" in message and "download_and_prepare()" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # the failed download left nothing
+    with pytest.raises(DataError, match="tfds:no_such_dataset: Dataset no_such_dataset not found"):
+        data.prepare("tfds:no_such_dataset", str(folder), image_size=64)

@@ -13,6 +13,8 @@ also has a ``test`` split, else the last ``data.validation_fraction`` of what re
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -38,12 +40,19 @@ def _builder(name: str, data_dir: Optional[str]) -> Any:
     if builder.is_prepared():
         return builder
     where = data_dir or "TensorFlow Datasets' folder (~/tensorflow_datasets)"
+    root = Path(builder.data_dir_root)
+    made = [root, root / name, root / "downloads", root / "downloads" / name, root / "downloads" / "extracted",
+            root / "downloads" / "manual"]
+    existed = {path for path in made if path.exists()}
     retries = downloader.MAX_RETRIES
     downloader.MAX_RETRIES = 1
     try:
         builder.download_and_prepare()
         return builder
     except Exception as error:  # noqa: BLE001 - offline, or files that must be fetched by hand
+        for path in reversed(made):  # what the failed download created, nothing that was there
+            if path not in existed:
+                shutil.rmtree(path, ignore_errors=True)
         manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
         how = (f"put the files its TFDS page names in {where}/downloads/manual" if manual else
                f"on a machine with internet access run tfds.builder('{name}').download_and_prepare() "
