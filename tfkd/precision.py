@@ -78,14 +78,17 @@ def with_policy(model: Any, name: str = "float32") -> Any:
 def apply_gradients(tape: Any, loss: Any, groups: Sequence[tuple[Any, list[Any]]]) -> None:
     """One optimizer step for each (optimizer, variables) group from one loss.
 
-    The loss is scaled by the first optimizer (a ``LossScaleOptimizer`` under
-    ``mixed_float16``; unchanged otherwise) and differentiated once; another group's gradients
+    The loss (recorded on ``tape``, which keeps recording the scaling) is scaled by the first
+    optimizer (a ``LossScaleOptimizer`` under ``mixed_float16``; unchanged otherwise) and
+    differentiated once; another group's gradients
     are brought to its own optimizer's scale, so each unscales (and skips a non-finite step)
     itself. Variables without a gradient are left out.
     """
     first = groups[0][0]
     variables = [v for _, group in groups for v in group]
-    gradients = tape.gradient(first.scale_loss(loss), variables)
+    with tape:  # the scaling is part of what is differentiated
+        scaled = first.scale_loss(loss)
+    gradients = tape.gradient(scaled, variables)
     start = 0
     for optimizer, group in groups:
         grads = gradients[start:start + len(group)]
