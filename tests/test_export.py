@@ -39,6 +39,28 @@ def test_fp32_formats_match_keras(exported):
     assert card["formats"]["fp16"]["bytes"] < 0.6 * card["formats"]["fp32"]["bytes"]
 
 
+def test_the_int8_onnx_model_is_static_qdq_with_signed_weights(exported):
+    """ONNX Runtime's recommended int8 for CNNs: QDQ nodes, int8 (per-channel) weights and int8
+    activations, verified in ONNX Runtime against Keras like the other formats."""
+    import onnx
+
+    out, card = exported
+    entry = card["formats"]["onnx_int8"]
+    assert entry["agreement_with_keras"] > 0.8 and entry["onnx_checker"] == "passed (full_check)"
+    assert entry["bytes"] < 0.5 * card["formats"]["onnx"]["bytes"]
+    graph = onnx.load(str(out / "model_int8.onnx")).graph
+    kinds = [node.op_type for node in graph.node]
+    assert kinds.count("QuantizeLinear") >= 5 and kinds.count("DequantizeLinear") >= 10
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.FLOAT]  # float pixels in
+    int8 = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.INT8}
+    conv_weights = [n.input[1] for n in graph.node if n.op_type == "Conv"]
+    weight_sources = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert conv_weights and all(weight_sources.get(w) in int8 for w in conv_weights)
+    zero_points = [init.data_type for init in graph.initializer if init.name.endswith("zero_point")]
+    assert onnx.TensorProto.INT8 in zero_points and onnx.TensorProto.UINT8 not in zero_points  # S8S8
+    assert set(zero_points) <= {onnx.TensorProto.INT8, onnx.TensorProto.INT32}  # int32: the biases
+
+
 def test_contract_pixels_in_normalization_inside(exported, student_run, digits):
     """Raw [0, 255] pixels into each runtime give the Keras student's logits on normalized input."""
     out, _ = exported

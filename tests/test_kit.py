@@ -97,3 +97,33 @@ def test_benchmark_measures_every_model(no_tensorflow, exported, tmp_path):
         p = m["batch1_ms"]
         assert 0 < p["p50"] <= p["p90"] <= p["p99"] and m["images_per_second"]["4"] > 0
     assert Image.open(tmp_path / "benchmark.png").size[0] > 300
+
+
+def test_predict_crops_and_resizes_as_training_did(tmp_path):
+    """The kit's Pillow crop-and-resize gives the pixels tfkd's pipeline trains and tests on."""
+    sys.path.insert(0, str(KIT))
+    try:
+        import predict
+    finally:
+        sys.path.remove(str(KIT))
+    from test_data import _photo_folder
+
+    from tfkd import data
+
+    root = _photo_folder(tmp_path / "photos")
+    for size in (96, 48):
+        prepared = data.prepare(f"folder:{root}", image_size=size, pipeline="streaming")
+        expected, _ = prepared.pixels("test")
+        record = prepared.geometry.record()
+        got = np.stack([predict.load_image(Path(p), (size, size), record)
+                        for p in prepared.records.paths["test"]])
+        diff = np.abs(got - expected.astype(np.float32))
+        assert diff.mean() < 0.5 and diff.max() <= 10, (size, diff.mean(), diff.max())  # rounding, edges
+    # the record comes from the model card beside the model, else from tfkd's rule for the size
+    (tmp_path / "model_card.json").write_text(json.dumps({"preprocessing": {
+        "resize": "center_crop", "size": 96, "crop_fraction": 0.9}}))
+    assert predict.preprocessing_of(tmp_path / "model.onnx", (96, 96))["crop_fraction"] == 0.9
+    assert predict.preprocessing_of(tmp_path / "elsewhere" / "m.onnx", (224, 224)) == {
+        "resize": "center_crop", "crop_fraction": 0.875}
+    assert predict.preprocessing_of(tmp_path / "elsewhere" / "m.onnx", (32, 32)) == {"resize": "stretch"}
+    assert predict.crop_box(400, 300, {"resize": "center_crop", "crop_fraction": 0.875}) == (69, 19, 331, 281)

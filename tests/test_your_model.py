@@ -1,5 +1,6 @@
-"""Bring your own model: any functional Keras classifier as a teacher (taps), keras:NAME
-networks as teachers and students, the decoder at any size (issue 17, parts 1 and 2)."""
+"""Bring your own model: any functional Keras classifier as a teacher (taps), keras:NAME and
+keras_hub:PRESET networks as teachers and students, the decoder at any size, and the whole path
+at 224 px from a streamed folder to a full-integer export (issue 17)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,6 +21,7 @@ from tfkd.models import taps
 from tfkd.teacher import ReconstructionTeacher, build_decoder
 
 pytestmark = pytest.mark.xdist_group("your_model")
+KIT = Path(__file__).resolve().parents[1] / "export"
 
 
 def np_(x):
@@ -223,3 +226,157 @@ def test_a_users_softmax_classifier_teaches_a_keras_student_with_cft(tmp_path):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and np.isfinite(metrics["stages"]["distill"]["d_loss"])
     student = keras.saving.load_model(run_dir / "student.keras", safe_mode=True)
     assert student.name == "keras_MobileNetV3Small" and student.output["logits"].shape[-1] == 10
+
+
+# ----------------------------------------------------------------------- KerasHub presets
+def _hub_preset(folder, classes=3):
+    """A small KerasHub ResNet image classifier saved as a local preset (with ImageNet-style
+    rescaling in its image converter), and the classifier."""
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3], stackwise_num_filters=[64, 32, 32],
+        stackwise_num_blocks=[1, 1, 1], stackwise_num_strides=[1, 2, 2], block_type="basic_block",
+        image_shape=(None, None, 3))
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    converter = keras_hub.layers.ResNetImageConverter(image_size=(64, 64), scale=list(1 / (255 * std)),
+                                                      offset=list(-mean / std))
+    classifier = keras_hub.models.ResNetImageClassifier(
+        backbone=backbone, num_classes=classes,
+        preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(image_converter=converter))
+    classifier.save_to_preset(str(folder))
+    return classifier
+
+
+def test_a_keras_hub_preset_is_a_teacher_or_student_with_its_own_weights_and_rescaling(tmp_path):
+    import keras_hub
+
+    classifier = _hub_preset(tmp_path / "preset")
+    name = f"keras_hub:{tmp_path / 'preset'}"
+    ours = models.get(name, 3, (64, 64, 3))
+    # the preset's backbone and a dense head: what KerasHub's own classifier counts
+    assert ours.count_params() == classifier.count_params()
+    assert [tuple(f.shape[1:]) for f in ours.output["features"]] == [(32, 32, 64), (16, 16, 64), (8, 8, 32), (4, 4, 32)]
+    assert ours.name == "keras_hub_preset"
+    pretrained = models.get(name, 3, (64, 64, 3), weights="preset")
+    for got, expected in zip(pretrained.get_layer("keras_hub_preset_body").get_weights(),
+                             classifier.backbone.get_weights()):
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(ours.get_layer("keras_hub_preset_body").get_weights()[0],
+                              classifier.backbone.get_weights()[0])  # unset: random weights
+    # the feed layer maps the run's normalization onto the converter's scale and offset
+    mean, std = [120.0] * 3, [60.0] * 3
+    fed = models.get(name, 3, (64, 64, 3), normalization=(mean, std)).get_layer("feed")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    converter = keras_hub.layers.ImageConverter.from_preset(str(tmp_path / "preset"))
+    expected = pixels * np.array(converter.scale, np.float32) + np.array(converter.offset, np.float32)
+    np.testing.assert_allclose(np_(fed((pixels - 120.0) / 60.0)), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelError, match="no_such_preset_here is not a KerasHub preset folder"):
+        models.get(f"keras_hub:{tmp_path / 'no_such_preset_here'}", 3, (64, 64, 3))
+    with pytest.raises(ModelError, match="keras_hub:resnet_9000_imagenet: not a KerasHub preset name"):
+        models.get("keras_hub:resnet_9000_imagenet", 3, (64, 64, 3))
+
+
+def test_a_users_keras_hub_classifier_teaches_at_the_runs_size(tmp_path, capsys):
+    """A KerasHub task keeps its rescaling in a separate preprocessor and takes any image size:
+    the teacher is fed what the converter makes of the pixels and tapped at the run's size."""
+    from test_data import _photo_folder
+
+    from tfkd import data
+    from tfkd.pipeline import load_teacher
+
+    classifier = _hub_preset(tmp_path / "preset")
+    classifier.save(tmp_path / "hub.keras")
+    prepared = data.prepare(f"folder:{_photo_folder(tmp_path / 'photos')}", image_size=72)
+    teacher = load_teacher(tmp_path / "hub.keras", prepared)
+    out = capsys.readouterr().out
+    assert "takes images of any size: reading it at this run's 72x72" in out
+    assert "feeding it what the image converter of" in out and "scale [0.017125" in out
+    assert "taps inside res_net_backbone" in out
+    x = prepared.normalize(prepared.pixels("test")[0]).numpy()
+    pixels = x * prepared.std + prepared.mean
+    converter = classifier.preprocessor.image_converter
+    expected = np_(classifier(pixels * np.array(converter.scale, np.float32) + np.array(converter.offset, np.float32)))
+    np.testing.assert_allclose(np_(teacher(x)["logits"]), expected, rtol=1e-4, atol=1e-4)
+    assert [tuple(f.shape[1:3]) for f in teacher.output["features"]] == [(36, 36), (18, 18), (9, 9), (5, 5)]
+
+
+def test_a_free_size_user_model_is_tapped_at_the_runs_size():
+    base = keras.applications.MobileNetV3Small(include_top=False, weights=None, include_preprocessing=True)
+    images = keras.Input((None, None, 3))
+    scores = keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(images)))
+    user = keras.Model(images, scores)
+    sized = taps.at_size(user, 96, 96)
+    assert sized.input_shape == (None, 96, 96, 3) and taps.at_size(sized, 96, 96) is sized
+    tapped, how = taps.tap(sized)
+    assert [tuple(f.shape[1:3]) for f in tapped.output["features"]] == [(48, 48), (24, 24), (12, 12), (6, 6), (3, 3)]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 96, 96, 3)).astype("float32")
+    np.testing.assert_allclose(np_(keras.ops.softmax(tapped(x)["logits"])), np_(user(x)), atol=1e-6)
+
+
+def test_a_frozen_student_body_keeps_its_weights_while_its_head_learns():
+    from tfkd.distill import from_config
+
+    keras.utils.set_random_seed(0)
+    cfg = config_lib.load(dotlist=["distill.method=kd"])
+    teacher = models.get("resnet8", 10)
+    student = models.get("keras:MobileNetV3Small", 10, (32, 32, 3))
+    distiller = from_config(cfg.distill, student, [teacher], steps_per_epoch=4)
+    frozen = keras.optimizers.SGD(0.0, momentum=0.9)  # what student.freeze_epochs gives in those epochs
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), backbone_optimizer=frozen)
+    distiller.build_all()
+    (_, head), (_, body) = distiller.variable_groups()
+    assert {v.path for v in student.get_layer("logits").trainable_variables} <= {v.path for v in head}
+    assert len(body) == len(student.trainable_variables) - 2
+    before = {v.path: v.numpy().copy() for v in student.trainable_variables}
+    rng = np.random.default_rng(0)
+    distiller.train_on_batch(rng.normal(size=(16, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 16))
+    changed = {v.path for v in student.trainable_variables if not np.array_equal(v.numpy(), before[v.path])}
+    assert changed == {v.path for v in student.get_layer("logits").trainable_variables}
+
+
+def test_the_issues_commands_at_224_px_stream_a_folder_and_export_a_full_integer_model(tmp_path):
+    """A user's .keras teacher built for any size, a keras:MobileNetV3Small student at 224 px,
+    images streamed from a folder, cft; then the export for an NPU (uint8 LiteRT, int8 ONNX)
+    and the kit's predict on a raw photo."""
+    from test_data import _photo_folder
+
+    folder = _photo_folder(tmp_path / "photos", per_class=10)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, alpha=0.35)
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 127.5, -1)(images)
+    scores = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(x)))
+    keras.Model(images, scores).save(tmp_path / "my_model.keras")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = [sys.executable, "-m", "tfkd.train", "--stage", "distill", "--method", "cft",
+           "--teacher", str(tmp_path / "my_model.keras"), "--student-model", "keras:MobileNetV3Small",
+           "--dataset", f"folder:{folder}", "--set", "data.image_size=224", "--set", "data.pipeline=streaming",
+           "--run-dir", str(tmp_path / "f1"), "--epochs", "1", "--batch-size", "8", "--set", "progress=0"]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reading it at this run's 224x224" in result.stdout
+    record = json.loads((tmp_path / "f1" / "dataset.json").read_text())
+    assert record["pipeline"] == "streaming" and record["image_shape"] == [224, 224, 3]
+    out = tmp_path / "artifacts"
+    result = subprocess.run([sys.executable, "-m", "tfkd.export", str(tmp_path / "f1"), "--out", str(out),
+                             "--formats", "fp32,int8,onnx,onnx_int8", "--set", "export.int8_io=uint8",
+                             "--set", "export.representative=16", "--latency-runs", "2"],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["int8_io"] == "uint8" and card["input"]["shape"] == [None, 224, 224, 3]
+    assert card["preprocessing"] == {"resize": "center_crop", "size": 224, "crop_fraction": 0.875}
+    for fmt in ("fp32", "onnx"):
+        assert card["formats"][fmt]["within_tolerance"] is True, fmt
+    for fmt in ("int8", "onnx_int8"):
+        assert card["formats"][fmt]["top1"] >= 0 and card["formats"][fmt]["bytes"] < 0.5 * card["formats"]["fp32"]["bytes"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_path=str(out / "model_int8.tflite")).get_signature_runner("serving_default")
+    assert signature.get_input_details()["images"]["dtype"] == np.uint8  # full integer, for an NPU
+    assert signature.get_output_details()["logits"]["dtype"] == np.uint8
+    photo = sorted((folder / "cat").iterdir())[0]
+    result = subprocess.run([sys.executable, str(KIT / "predict.py"), str(out / "model_int8.tflite"), str(photo)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith(str(photo)), result.stderr

@@ -22,6 +22,7 @@ without importing Keras.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -144,10 +145,17 @@ def _hub_backbone(name: str, input_shape: Sequence[int], weights: str | None) ->
 
     preset = network(name).strip()
     pretrained = weights in ("imagenet", "preset")
+    looks_like_folder = "/" in preset or "\\" in preset or preset.startswith(".")
+    if looks_like_folder and not (Path(preset) / "config.json").is_file():
+        raise ModelError(f"{name}: {preset} is not a KerasHub preset folder (no config.json; make one "
+                         "with save_to_preset)")
     try:
         base = keras_hub.models.Backbone.from_preset(preset, load_weights=pretrained,
                                                      image_shape=tuple(input_shape))
     except (ValueError, TypeError) as error:
+        if "Unknown preset identifier" in str(error):
+            raise ModelError(f"{name}: not a KerasHub preset name (keras_hub.models.Backbone.presets "
+                             "lists them) nor a preset folder") from None
         raise ModelError(f"{name} at {tuple(input_shape)}: {str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - a preset that cannot be downloaded offline
         raise ModelError(f"{name}: KerasHub could not load the preset ({type(error).__name__}): on a "
