@@ -4,8 +4,10 @@
 once, then every student method, each run cached in ``OUT/runs``; writes ``results.json``,
 ``results.md`` and ``results.png`` (see ``tfkd.protocol``).
 
-``pipeline``: images per second of the input pipeline alone next to the teacher's training
-step on the same data, and their ratio (the pipeline must not be what limits training).
+``pipeline``: images per second of the input pipeline alone (in memory or streamed) next to a
+training step on the same data (the teacher's, or a student's distillation step), their ratio
+(the pipeline must not be what limits training), and the process's peak memory while it reads
+the data against the dataset's decoded size (streaming must not hold the dataset).
 
 ``speed``: training images per second of every method's step on one teacher and student, next
 to a ``keras.distillation.Distiller`` KD step on the same pair and the input pipeline alone, all
@@ -32,31 +34,84 @@ def _pipeline_rate(dataset: Any, batches: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def _train_step_rate(cfg: Any, data: Any, steps: int) -> float:
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step(args: argparse.Namespace, data: Any) -> Any:
+    """What ``pipeline`` times the input against: the teacher's reconstruction training step, or
+    with ``--student-model`` the ``--method`` distillation step of that student from a
+    ``--teacher-model`` teacher, at the data's size (untrained weights: the work is the same)."""
     import keras
 
+    from tfkd import config as config_lib
     from tfkd import models
+    from tfkd.distill import methods
+    from tfkd.pipeline import build_distiller
     from tfkd.teacher import ReconstructionTeacher
 
-    teacher = ReconstructionTeacher(models.get(cfg.model, data.num_classes, data.image_shape),
-                                    pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist())
-    teacher.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True))
-    batch = next(iter(data.train_dataset(cfg.batch_size)))
-    return _fit_rates({"teacher": teacher}, batch, steps)["teacher"]
+    def sgd() -> Any:
+        return keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True)
+
+    normalization = (data.mean, data.std)
+    if args.student_model is None:
+        teacher = ReconstructionTeacher(models.get(args.teacher_model, data.num_classes, data.image_shape,
+                                                   normalization=normalization),
+                                        pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist())
+        teacher.compile(optimizer=sgd())
+        return teacher
+    cfg = config_lib.load(dotlist=[f"distill.method={args.method}"])
+    teachers = [models.get(args.teacher_model, data.num_classes, data.image_shape, normalization=normalization)
+                for _ in methods.resolve(args.method).teachers]
+    student = models.get(args.student_model, data.num_classes, data.image_shape, normalization=normalization)
+    distiller = build_distiller(cfg, student, teachers, steps_per_epoch=50,
+                                train_labels=lambda: data.train_labels)
+    distiller.compile(optimizer=sgd())
+    distiller.build_all()
+    return distiller
 
 
 def pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    """Measures the input pipeline against the teacher's train step."""
+    """Measures the input pipeline (in memory or streamed) against a training step, and the
+    process's peak memory while it streams against the dataset's decoded size."""
     from tfkd import data as data_lib
 
-    data = data_lib.prepare(args.dataset, args.data_dir, validation_fraction=0.1)
+    baseline = _peak_rss_mb()
+    data = data_lib.prepare(args.dataset, args.data_dir, image_size=args.image_size,
+                            validation_fraction=0.1, pipeline=args.pipeline)
+    images = sum(data.count(s) for s in ("train", "val", "test"))
+    side = data.image_shape[0]  # decoded at the models' input size
     pipe = _pipeline_rate(data.train_dataset(args.batch_size), args.batches)
-    step = _train_step_rate(args, data, args.steps)
-    result = {"dataset": args.dataset, "model": args.model, "batch_size": args.batch_size,
-              "pipeline_images_per_second": round(pipe, 1),
-              "train_step_images_per_second": round(step, 1),
-              "pipeline_over_step": round(pipe / step, 2), "cpu_count": os.cpu_count()}
+    peak = _peak_rss_mb()  # before any model exists: what reading the data costs
+    model = _step(args, data)
+    with_index = getattr(model, "needs_index", False)
+    batch = next(iter(data.train_dataset(args.batch_size, with_index=with_index)))
+    step = _fit_rates({"step": model}, batch, args.steps)["step"]
+    pipe, step = round(pipe, 1), round(step, 1)
+    decoded = images * side * side * 3 / 2**20
+    result = {"dataset": args.dataset, "pipeline": data.pipeline, "images": images,
+              "image_size": data.image_shape[0], "batch_size": args.batch_size,
+              "step": (f"{args.method}: {args.teacher_model} -> {args.student_model}"
+                       if args.student_model else f"reconstruction teacher {args.teacher_model}"),
+              "pipeline_images_per_second": pipe, "train_step_images_per_second": step,
+              "pipeline_over_step": round(pipe / step, 2),
+              "decoded_dataset_mb": round(decoded, 1),
+              "peak_rss_mb_before_data": round(baseline, 1), "peak_rss_mb_while_reading": round(peak, 1),
+              "peak_rss_over_decoded": round(peak / decoded, 3) if decoded else None,
+              "cpu_count": os.cpu_count()}
     print(json.dumps(result, indent=2))
+    if args.out:
+        import shlex
+        from pathlib import Path
+
+        from tfkd import io
+        from tfkd.protocol import provenance
+
+        io.write_json(Path(args.out) / "pipeline.json",
+                      {**result, **provenance("python -m tfkd.bench " + shlex.join(args.argv))})
     return result
 
 
@@ -326,14 +381,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="tuning: never evaluate on the test split")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the finished runs, train nothing")
-    p = sub.add_parser("pipeline", help="input pipeline vs teacher train step, images/s")
-    p.add_argument("--dataset", default="digits", help="dataset name (as for tfkd.train)")
+    p = sub.add_parser("pipeline", help="input pipeline vs a training step, images/s; peak memory")
+    p.add_argument("--dataset", default="digits", help="dataset (as for tfkd.train: cifar10, digits, "
+                                                      "folder:PATH, tfds:NAME)")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
-                   help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR)")
-    p.add_argument("--model", default="resnet20", help="teacher backbone")
+                   help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR), or tfds:NAME's folder")
+    p.add_argument("--image-size", type=cli.positive_int, default=32, help="the models' input side (data.image_size)")
+    p.add_argument("--pipeline", choices=("auto", "memory", "streaming"), default="auto",
+                   help="data.pipeline (default auto)")
+    p.add_argument("--teacher-model", "--model", dest="teacher_model", default="resnet20",
+                   help="teacher backbone (default resnet20)")
+    p.add_argument("--student-model", help="time this student's distillation step (default: the "
+                                           "teacher's own reconstruction training step)")
+    p.add_argument("--method", default="cft", help="the distillation method of --student-model (default cft)")
     p.add_argument("--batch-size", type=cli.positive_int, default=128)
     p.add_argument("--batches", type=cli.positive_int, default=200, help="pipeline batches to time")
     p.add_argument("--steps", type=cli.positive_int, default=20, help="train steps to time")
+    p.add_argument("--out", help="also write pipeline.json (with the command, commit, date and machine)")
     p = sub.add_parser("speed", help="training images/s of every method vs keras.distillation KD")
     p.add_argument("--teacher-model", default="resnet20")
     p.add_argument("--student-model", default="resnet8")

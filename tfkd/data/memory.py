@@ -155,10 +155,16 @@ def decode_records(records: Any, split: str, geometry: Geometry, what: str) -> t
 
 def statistics(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (floored at 1e-3) of uint8 images, on the [0, 255] scale."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64)
-    mean = pixels.mean(axis=0).astype(np.float32)
-    std = np.maximum(pixels.std(axis=0), 1e-3).astype(np.float32)
-    return mean, std
+    channels = images.shape[-1]
+    sums, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for start in range(0, len(images), 2048):  # in chunks: no float64 copy of the whole set
+        pixels = images[start:start + 2048].reshape(-1, channels).astype(np.float64)
+        sums += pixels.sum(0)
+        squares += np.square(pixels).sum(0)
+        count += len(pixels)
+    mean = sums / max(count, 1)
+    std = np.sqrt(np.maximum(squares / max(count, 1) - mean ** 2, 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
 
 
 def array_inputs_statistics(images: np.ndarray, geometry: Geometry, limit: int) -> tuple[np.ndarray, np.ndarray]:

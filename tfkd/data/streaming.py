@@ -100,19 +100,21 @@ class StreamData(Data):
     def estimate_statistics(self, limit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean/std of up to ``limit`` training images drawn with ``seed`` (their
         evaluation crops), on the [0, 255] scale."""
-        from tfkd.data.memory import statistics
-
         n = self.count("train")
         chosen = np.sort(np.random.default_rng(seed).permutation(n)[:min(limit, n)])
         ds = self.records.indices("train", chosen).map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE)
+
+        def moments(images: Any, labels: Any, index: Any) -> Any:  # per batch: three numbers a channel
+            x = tf.reshape(tf.cast(images, tf.float64), [-1, 3])
+            return tf.reduce_sum(x, 0), tf.reduce_sum(x * x, 0), tf.cast(tf.shape(x)[0], tf.float64)
+
         sums = np.zeros(3, np.float64)
         squares = np.zeros(3, np.float64)
-        pixels = 0
-        for images, _, _ in ds.batch(256).prefetch(2):
-            values = images.numpy().reshape(-1, 3).astype(np.float64)
-            sums += values.sum(0)
-            squares += (values ** 2).sum(0)
-            pixels += len(values)
+        pixels = 0.0
+        for total, total_sq, count in ds.batch(32).map(moments).prefetch(2):
+            sums += total.numpy()
+            squares += total_sq.numpy()
+            pixels += float(count)
         mean = sums / max(pixels, 1)
         std = np.sqrt(np.maximum(squares / max(pixels, 1) - mean ** 2, 0.0))
         return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
