@@ -36,10 +36,13 @@ def test_public_functions_and_classes_have_docstrings():
     assert not missing, missing
 
 
-#: Keras hooks whose contract Keras documents, and the hooks of ``tfkd.distill.terms.Term``, which
-#: its base class documents (a docstring on each override would repeat it).
+#: Keras hooks whose contract Keras documents, the hooks of ``tfkd.distill.terms.Term``, of the
+#: data contract (``tfkd.data.base.Data``, ``tfkd.data.streaming.Records``) and of ONNX Runtime's
+#: calibration reader, which their base classes document (a docstring on each override would
+#: repeat it).
 OVERRIDES = {"call", "get_config", "from_config", "build", "compute_output_shape", "train_step",
              "test_step", "compile", "on_epoch_begin", "on_epoch_end", "on_train_batch_end",
              "on_test_begin", "on_train_end", "on_train_begin", "reduce", "metrics", "main",
              "compute", "config", "weight_at", "prepare", "auxiliary_step", "auxiliary_variables",
-             "auxiliary_optimizer"}
+             "auxiliary_optimizer", "labels", "count", "elements", "indices", "train_dataset",
+             "sample", "spread", "get_next", "rewind"}

@@ -210,6 +210,7 @@ class _Tally:
         self.max_diff = 0.0
 
     def add(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> None:
+        """Counts one batch: the format's logits, Keras's, and the labels."""
         self.images += len(labels)
         self.correct += int(np.sum(logits.argmax(1) == labels))
         self.agree += int(np.sum(logits.argmax(1) == reference.argmax(1)))

@@ -63,10 +63,12 @@ class Data:
 
     @property
     def val_labels(self) -> np.ndarray:
+        """The validation split's labels."""
         return self.labels("val")
 
     @property
     def test_labels(self) -> np.ndarray:
+        """The test split's labels."""
         return self.labels("test")
 
     def info(self) -> dict[str, Any]:

@@ -29,12 +29,15 @@ class Records:
     is_path = True
 
     def count(self, split: str) -> int:
+        """How many images ``split`` has (0 when there is no such split)."""
         raise NotImplementedError
 
     def labels(self, split: str) -> np.ndarray:
+        """The int32 labels of ``split``, in ``elements``' order."""
         raise NotImplementedError
 
     def elements(self, split: str) -> tf.data.Dataset:
+        """``(encoded image or path, label, index)`` of ``split`` in a fixed order."""
         raise NotImplementedError
 
     def indices(self, split: str, chosen: np.ndarray) -> tf.data.Dataset:
