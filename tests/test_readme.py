@@ -25,7 +25,10 @@ PLACEHOLDERS = ("path/to/cifar-10-batches-py", "/data/cifar-10-batches-py", "$TF
 TEACHERS = "path/to/teachers"
 #: Commands that cannot run on one machine in a test, and why.
 NOT_HERE = {"TF_CONFIG=": "needs two machines (the multi-worker tests run two local workers)",
-            "make ": "the test suite itself runs under make test", "pip install": "installs packages"}
+            "make ": "the test suite itself runs under make test", "pip install": "installs packages",
+            "weights=imagenet": "downloads ImageNet weights and a TFDS dataset (no network here)"}
+#: A user's photo folders the README names: created by the test, 3 classes of 30 photos.
+PHOTOS = ("/data/flowers", "path/to/cifar224")
 
 
 def readme_commands() -> list[str]:
@@ -50,9 +53,10 @@ def fast(argv: list[str]) -> list[str]:
     module = argv[2] if argv[:2] == ["python", "-m"] else argv[1] if argv[0] == "python" else argv[0]
     cifar = "cifar10" in argv
     if module == "tfkd.train":
-        return ["--epochs", "1", "--set", f"data.subset={0.02 if cifar else 0.2}", "--set", "progress=0",
-                "--set", "export.formats=[fp32,int8]", "--set", "export.max_test_images=50",
-                "--set", "export.representative=20"]
+        folder = any(a.startswith("folder:") for a in argv)  # the test's folders are small already
+        small = ["--batch-size", "8"] if folder else ["--set", f"data.subset={0.02 if cifar else 0.2}"]
+        return ["--epochs", "1", "--set", "progress=0", "--set", "export.formats=[fp32,int8]",
+                "--set", "export.max_test_images=50", "--set", "export.representative=20", *small]
     if module == "tfkd.export":
         return ["--max-test-images", "50", "--representative", "20", "--latency-runs", "2"]
     if module == "tfkd.compress":
@@ -68,7 +72,8 @@ def fast(argv: list[str]) -> list[str]:
 #: Commands are grouped by what they read and write, so independent groups can run apart
 #: (pytest-xdist spreads them over the cores); within a group they run in README order.
 GROUPS = {"mktn": ("runs/t2", "runs/m1"), "bench": ("tfkd.bench",), "demo": ("runs/demo",),
-          "config": ("--config my.yaml",), "import": ("teachers/resnet20",)}
+          "config": ("--config my.yaml",), "import": ("teachers/resnet20",),
+          "yours": ("runs/f1", "artifacts/f1")}
 
 
 def group_of(command: str) -> str:
@@ -94,13 +99,20 @@ def test_every_readme_command_runs_as_written(tmp_path, cifar10_dir, teachers_di
     for name, index in (("image1.png", 0), ("image2.jpg", 1)):  # the images the kit commands name
         Image.fromarray(cifar.test_images[index]).save(tmp_path / name)
     (tmp_path / "my.yaml").write_text("teacher:\n  epochs: 1\n")  # the config file a command names
+    if group in ("yours", "bench"):  # a user's photo folders and fine-tuned classifier
+        from test_data import _photo_folder
+
+        for folder in PHOTOS:
+            _photo_folder(tmp_path / folder.strip("/"), per_class=30)
+        if group == "yours":
+            _users_classifier(tmp_path / "my_effnet.keras")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     ran = []
     for command in commands:
         if any(marker in command for marker in NOT_HERE):
             continue
         command = re.sub("|".join(re.escape(p) for p in PLACEHOLDERS), str(cifar10_dir), command)
-        command = command.replace(TEACHERS, str(teachers_dir))
+        command = command.replace(TEACHERS, str(teachers_dir)).replace("folder:/data/", "folder:data/")
         argv = shlex.split(command)
         argv = [*argv, *fast(argv)]
         if argv[0] == "python":
@@ -114,6 +126,27 @@ def test_every_readme_command_runs_as_written(tmp_path, cifar10_dir, teachers_di
         ran.append(command)
     assert ran
     CHECKS.get(group, lambda cwd: None)(tmp_path)
+
+
+def _users_classifier(path: Path) -> None:
+    """A user's fine-tuned classifier as users save them: a keras.applications network built for
+    any image size, called as a layer, with a softmax head for the photos' three classes."""
+    import keras
+
+    base = keras.applications.EfficientNetB0(include_top=False, weights=None)
+    images = keras.Input((None, None, 3))
+    scores = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(images)))
+    keras.Model(images, scores).save(path)
+
+
+def check_yours(cwd: Path) -> None:
+    """The user's teacher distilled into a MobileNetV3-Small at 224 px from a folder, exported
+    with a uint8 full-integer model."""
+    import json
+
+    card = json.loads((cwd / "artifacts/f1/model_card.json").read_text())
+    assert card["model"] == "keras_MobileNetV3Small" and card["input"]["shape"] == [None, 224, 224, 3]
+    assert card["int8_io"] == "uint8" and card["formats"]["fp32"]["within_tolerance"] is True
 
 
 def check_main(cwd: Path) -> None:
@@ -154,4 +187,4 @@ def check_import(cwd: Path) -> None:
     assert (cwd / "runs/kd20/student.keras").is_file()
 
 
-CHECKS = {"main": check_main, "mktn": check_mktn, "import": check_import}
+CHECKS = {"main": check_main, "mktn": check_mktn, "import": check_import, "yours": check_yours}
