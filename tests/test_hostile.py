@@ -263,7 +263,7 @@ def test_help_shows_every_default():
                             timeout=60)
     assert result.returncode == 0 and "MISSING" not in result.stdout and "object at 0x" not in result.stdout
     assert "distill.teachers = []" in result.stdout
-    assert "export.formats = ['saved_model', 'fp32', 'fp16', 'dynamic', 'int8', 'onnx']" in result.stdout
+    assert "export.formats = ['saved_model', 'fp32', 'fp16', 'dynamic', 'int8', 'onnx', 'onnx_int8']" in result.stdout
 
 
 # ----------------------------------------------------------------------------- what must work
@@ -481,7 +481,9 @@ def test_kit_runs_nchw_and_free_size_models_and_reads_16_bit_pngs_as_training_do
     wide = (rng.integers(0, 65536, (8, 8))).astype(np.uint16)
     sixteen = _png(tmp_path / "g16.png", wide)
     eight = _png(tmp_path / "g8.png", np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, -1))
-    decoded = data._decode_image(sixteen, 8)  # what training reads
+    import tensorflow as tf
+
+    decoded = data.transforms.eval_bytes(tf.io.read_file(str(sixteen)), data.Geometry(8)).numpy()  # what training reads
     np.testing.assert_array_equal(decoded[..., 0], (wide >> 8).astype(np.uint8))
     outputs = {}
     for name, shape, extra in (("nchw", ["N", 3, 8, 8], []), ("free", ["N", 3, "H", "W"], ["--image-size", "8"])):

@@ -500,7 +500,9 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
     try:
         tflite_modes = [f for f in formats if f in ("fp32", "fp16", "dynamic", "int8")]
         export_saved_model(model, tmp / FILES["saved_model"])
-        calibration = data.sample("train", settings.representative, seed=0)
+        quantized = "int8" in formats or "onnx_int8" in formats
+        calibration = data.sample("train", settings.representative, seed=0) if quantized \
+            else np.zeros((0, *data.image_shape), np.uint8)
         for mode in tflite_modes:
             (tmp / FILES[mode]).write_bytes(convert_tflite(tmp / FILES["saved_model"], mode,
                                                            calibration, settings.int8_io))
