@@ -15,8 +15,8 @@ from tfkd import config as config_lib
 #: Dedicated flags: flag -> (config key, help). Everything else goes through --set.
 FLAGS = {
     "--stage": ("stage", "what to run: teacher, distill, export, or all (default)"),
-    "--method": ("distill.method", "student, kd, fitnet, at, cft (default), mktn, dkd, dist, ofd, "
-                                   "reviewkd, crd, or a composition like cft+dkd, kd+ls"),
+    "--method": ("distill.method", "a registered method (cft by default; python -m tfkd.train --help "
+                                   "lists them under distill.method) or a composition like cft+dkd, kd+ls"),
     "--teacher": ("distill.teachers", "a trained teacher (.keras file or run folder); give it "
                                       "twice for mktn: the reconstruction teacher, then the "
                                       "classifier"),

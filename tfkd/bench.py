@@ -406,9 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=cli.positive_int, default=5,
                    help="timings per method, the methods taking turns; the fastest is reported "
                         "(default 5)")
-    p.add_argument("--methods", nargs="+", default=["student", "kd", "fitnet", "at", "cft", "mktn", "dkd",
-                                                    "dist", "kd+ls", "ofd", "reviewkd", "crd"],
-                   help="methods to time")
+    from tfkd.distill.methods import REGISTRY
+
+    p.add_argument("--methods", nargs="+", default=[
+        *(n for n, m in REGISTRY.items() if m.modify is None), *(f"kd+{n}" for n, m in REGISTRY.items() if m.modify)],
+        help="methods to time (default: every registered method, and each modifier on kd)")
     p.add_argument("--dataset", help="dataset of the input-pipeline measurement (default: "
                                       "cifar10 with a data folder, else digits)")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),

@@ -140,8 +140,8 @@ def _distill_config() -> type:
     from tfkd.models import wrap
 
     fields: list[Any] = [
-        ("method", str, option("cft", "a method (student, kd, fitnet, at, cft, mktn, dkd, dist, ofd, "
-                                      "reviewkd, crd) or a composition like cft+dkd, kd+ls (README, Methods)")),
+        ("method", str, option("cft", f"a method ({', '.join(n for n, m in REGISTRY.items() if m.modify is None)}) "
+                                      "or a composition like cft+dkd, kd+ls (README, Methods)")),
         ("teachers", List[str], option([], "trained teacher files (.keras or run folders) in the "
                                            "method's order (mktn: the reconstruction teacher, then the "
                                            "classifier). Empty: the teachers of this run directory")),
