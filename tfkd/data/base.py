@@ -110,6 +110,24 @@ class Data:
             ds = ds.map(lambda x, y, i: (self.normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
         return self._options(ds.prefetch(tf.data.AUTOTUNE))
 
+    def _augment_batches(self, ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+        """The small-image recipe on (uint8 images, labels, index) batches: pad-and-crop and flips,
+        each batch with its own stateless seed."""
+        from tfkd.data.transforms import augment_batch
+
+        seeds, hflip = tf.data.Dataset.random(seed=seed).batch(2), self.geometry.hflip
+        return tf.data.Dataset.zip((ds, seeds)).map(
+            lambda batch, s: (augment_batch(batch[0], s, hflip), batch[1], batch[2]),
+            num_parallel_calls=tf.data.AUTOTUNE)
+
+    @staticmethod
+    def _per_image(ds: tf.data.Dataset, seed: int, crop: Any) -> tf.data.Dataset:
+        """``crop(image or encoded bytes, seed)`` on each (item, label, index) element, each
+        with its own stateless seed (random-resized crops)."""
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        return tf.data.Dataset.zip((ds, seeds)).map(lambda e, s: (crop(e[0], s), e[1], e[2]),
+                                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
     def train_dataset(self, batch_size: int, seed: int = 0, augment: bool = True,
                       shuffle_buffer: int = 0, with_index: bool = False) -> tf.data.Dataset:
         """Shuffled, augmented, normalized training batches (partial last batch dropped).

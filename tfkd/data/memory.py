@@ -61,28 +61,16 @@ class ArrayData(Data):
                                                  tf.range(n, dtype=tf.int32)))
         ds = ds.shuffle(shuffle_buffer or n, seed=seed, reshuffle_each_iteration=True)
         geometry = self.geometry
-        if self.direct:
+        if geometry.small:
+            if not self.direct:  # stored at another size: resize each image, then the batch recipe
+                ds = ds.map(lambda x, y, i: (transforms.resize(x, geometry.size), y, i),
+                            num_parallel_calls=tf.data.AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
             if augment:
-                seeds = tf.data.Dataset.random(seed=seed).batch(2)
-                ds = tf.data.Dataset.zip((ds, seeds)).map(
-                    lambda batch, s: (transforms.augment_batch(batch[0], s, geometry.hflip), batch[1], batch[2]),
-                    num_parallel_calls=tf.data.AUTOTUNE)
-        elif geometry.small:  # stored at another size: resize each image, then the batch recipe
-            ds = ds.map(lambda x, y, i: (transforms.resize(x, geometry.size), y, i),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-            ds = ds.batch(batch_size, drop_remainder=True)
-            if augment:
-                seeds = tf.data.Dataset.random(seed=seed).batch(2)
-                ds = tf.data.Dataset.zip((ds, seeds)).map(
-                    lambda batch, s: (transforms.augment_batch(batch[0], s, geometry.hflip), batch[1], batch[2]),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+                ds = self._augment_batches(ds, seed)
         else:
             if augment:
-                seeds = tf.data.Dataset.random(seed=seed).batch(2)
-                ds = tf.data.Dataset.zip((ds, seeds)).map(
-                    lambda x, s: (transforms.train_array(x[0], s, geometry), x[1], x[2]),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+                ds = self._per_image(ds, seed, lambda x, s: transforms.train_array(x, s, geometry))
             else:
                 ds = ds.map(lambda x, y, i: (transforms.eval_array(x, geometry), y, i),
                             num_parallel_calls=tf.data.AUTOTUNE)

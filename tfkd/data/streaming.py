@@ -130,18 +130,12 @@ class StreamData(Data):
         buffer = shuffle_buffer or (n if self.records.is_path else min(n, RECORD_SHUFFLE))
         ds = self.records.elements("train").shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if augment and not geometry.small:
-            seeds = tf.data.Dataset.random(seed=seed).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(
-                lambda e, s: (transforms.train_bytes(read(e[0]), s, geometry), e[1], e[2]),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = self._per_image(ds, seed, lambda item, s: transforms.train_bytes(read(item), s, geometry))
         else:
             ds = ds.map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=True)
         if augment and geometry.small:
-            seeds = tf.data.Dataset.random(seed=seed + 1).batch(2)
-            ds = tf.data.Dataset.zip((ds, seeds)).map(
-                lambda batch, s: (transforms.augment_batch(batch[0], s, geometry.hflip), batch[1], batch[2]),
-                num_parallel_calls=tf.data.AUTOTUNE)
+            ds = self._augment_batches(ds, seed)
         return self._finish(ds, with_index)
 
     def _eval_pixels(self, split: str, batch_size: int) -> tf.data.Dataset:
