@@ -28,9 +28,10 @@ from tfkd.errors import ConfigError
 RECORD = "run.json"
 LOCK = ".lock"
 #: Settings every training stage reads besides its own section.
-TRAINING_KEYS = ("seed", "deterministic", "sync_batchnorm", "data.batch_size", "data.augment",
-                 "data.hflip", "data.shuffle_buffer", "data.validation_fraction", "data.subset",
-                 "data.image_size")
+TRAINING_KEYS = ("seed", "deterministic", "sync_batchnorm", "mixed_precision", "data.batch_size",
+                 "data.augment", "data.hflip", "data.shuffle_buffer", "data.validation_fraction",
+                 "data.test_fraction", "data.subset", "data.image_size", "data.crop_fraction",
+                 "data.crop_scale_min", "data.skip_bad_files")
 #: Fields of dataset.json that identify the dataset a folder holds.
 DATASET_FIELDS = ("class_names", "image_shape", "num_train", "num_val", "num_test")
 
