@@ -177,6 +177,23 @@ def test_the_decoder_reaches_any_input_size():
         assert ("to_image_size" in [layer.name for layer in decoder.layers]) == (feature[0] == 4)
 
 
+def test_a_wide_feature_map_is_projected_before_it_is_decoded():
+    """MobileNetV2's 3x3x1280 map at 96 px: halving from 1280 channels would cost 1.33 G
+    multiply-adds per image (24 times the network); projected to 256 first, about 70 M."""
+    decoder = build_decoder((3, 3, 1280), (96, 96, 3))
+    widths = [layer.filters for layer in decoder.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert widths == [256, 128, 64, 32, 16, 16, 3] and decoder.get_layer("project_conv").kernel_size == (1, 1)
+    import tensorflow as tf
+
+    graph = tf.function(lambda x: decoder(x)).get_concrete_function(tf.TensorSpec((1, 3, 3, 1280))).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    multiply_adds = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2
+    assert 60e6 < multiply_adds < 90e6, multiply_adds
+    assert [l.filters for l in build_decoder((8, 8, 64), (32, 32, 3)).layers
+            if isinstance(l, keras.layers.Conv2D)] == [32, 16, 3]  # CIFAR ResNets: unchanged
+
+
 def test_a_pretrained_networks_new_head_trains_with_the_decoder():
     backbone = models.get("keras:MobileNetV3Small", 10, (32, 32, 3))
     teacher = ReconstructionTeacher(backbone, head_layers=("logits",))

@@ -19,12 +19,18 @@ from tfkd import losses, precision
 from tfkd.models.common import batch_norm, conv
 
 
+#: The widest map the decoder convolves: a wider feature map (a MobileNet's 1280 channels) is
+#: first projected to it by a 1x1 convolution, so decoding costs about what the network does.
+DECODER_MAX_CHANNELS = 256
+
+
 def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
                   min_channels: int = 16, sync_bn: bool = False,
-                  name: str = "decoder") -> keras.Model:
+                  name: str = "decoder", max_channels: int = DECODER_MAX_CHANNELS) -> keras.Model:
     """Decoder from a (H, W, C) feature map back to an image of ``image_shape``.
 
-    One step per factor of 2 between feature and image size (x2 nearest upsample, 3x3 conv
+    A map wider than ``max_channels`` is first projected to it (1x1 conv, batch norm, ReLU).
+    Then one step per factor of 2 between feature and image size (x2 nearest upsample, 3x3 conv
     halving the channels down to ``min_channels``, batch norm, ReLU), then a linear 3x3 conv to
     the image's channels: it predicts the normalized image, which is unbounded. When the ratio
     is not a power of 2 (a 100-px input over a 4-px map) the doublings overshoot and a bilinear
@@ -38,6 +44,11 @@ def build_decoder(feature_shape: Sequence[int], image_shape: Sequence[int],
     steps = math.ceil(math.log2(ratio) - 1e-9)
     inputs = keras.Input(shape=tuple(feature_shape), name="features")
     x = inputs
+    if channels > max_channels:
+        channels = max_channels
+        x = conv(keras, channels, 1, name="project_conv")(x)
+        x = batch_norm(keras, sync_bn, name="project_bn")(x)
+        x = keras.layers.ReLU(name="project_relu")(x)
     for step in range(steps):
         channels = max(min_channels, channels // 2)
         x = keras.layers.UpSampling2D(2, name=f"up{step + 1}")(x)
