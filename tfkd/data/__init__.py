@@ -161,6 +161,9 @@ def load(cfg: Any, seed: int = 0) -> Data:
     geometry = geometry_of(cfg)
     dataset = cfg.dataset
     if dataset in CIFAR_FILES or dataset == "digits":
+        if cfg.pipeline == "streaming":
+            _note(f"{dataset} is read whole into memory (its files are arrays, not images to "
+                  "stream); data.pipeline=streaming applies to folder: and tfds: datasets")
         return _arrays_data(cfg, seed, geometry)
     if dataset.startswith("folder:"):
         records, class_names, skipped, notes = _folder_records(cfg, seed)
