@@ -63,6 +63,21 @@ def test_mobilenetv3_small_taps_one_map_per_resolution_with_no_extra_work():
     assert student.count_params() == reference.count_params() + 576 * 5 + 5  # the taps add no weights
 
 
+def test_a_network_from_random_weights_gets_moving_statistics_that_keep_up():
+    """MobileNetV3's batch norms ship with momentum 0.999: from scratch, a few epochs left their
+    moving statistics near their start and validation at chance; tfkd caps it at Keras's 0.99."""
+    scratch = models.get("keras:MobileNetV3Small", 10, (32, 32, 3))
+    moments = {l.momentum for l in scratch.get_layer("mobilenetv3small").layers
+               if isinstance(l, keras.layers.BatchNormalization)}
+    assert moments == {0.99}
+    saved = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(scratch))
+    assert {l.momentum for l in saved.get_layer("mobilenetv3small").layers
+            if isinstance(l, keras.layers.BatchNormalization)} == {0.99}
+    efficient = models.get("keras:EfficientNetV2B0", 10, (32, 32, 3))  # 0.9 already: unchanged
+    assert {l.momentum for l in efficient.get_layer("efficientnetv2b0").layers
+            if isinstance(l, keras.layers.BatchNormalization)} == {0.9}
+
+
 def test_the_feed_layer_gives_each_network_its_own_input_convention():
     mean, std = [125.3, 123.0, 113.9], [63.0, 62.1, 66.7]
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")

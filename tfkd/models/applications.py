@@ -91,7 +91,24 @@ def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3
     else:
         base, convention = _application(name, input_shape, weights)
         body = network(name).lower()
+    if weights is None:
+        from_scratch_batch_norm(base)
     return with_head(base, convention, num_classes, input_shape, normalization, layers, model_name(name), body)
+
+
+#: Batch-norm momentum of a network trained from random weights (Keras's own default).
+SCRATCH_BN_MOMENTUM = 0.99
+
+
+def from_scratch_batch_norm(network: Any) -> None:
+    """Caps the batch-norm momentum of a network trained from random weights at
+    ``SCRATCH_BN_MOMENTUM``: MobileNetV2/V3 ship 0.999, whose moving statistics need thousands of
+    steps to describe the data, so a from-scratch run of a few epochs would evaluate at chance."""
+    import keras
+
+    for layer in network._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.momentum > SCRATCH_BN_MOMENTUM:
+            layer.momentum = SCRATCH_BN_MOMENTUM
 
 
 def _application(name: str, input_shape: Sequence[int], weights: str | None) -> tuple[Any, Any]:
