@@ -24,3 +24,44 @@ def test_compress_refuses_a_teacher(student_run, tmp_path):
     result = compress(tmp_path / "teacher.keras", "--out", tmp_path / "o")
     assert result.returncode == 4 and "this is a teacher" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compress_rebuilds_a_keras_applications_student_and_quantizes_it(tmp_path, digits):
+    """A keras:MobileNetV3Small student (Rescaling and hard-swish Multiply inside, which
+    TensorFlow Model Optimization cannot wrap) is rebuilt with tf_keras's copy of the network,
+    agrees with the Keras 3 model, and comes out of QAT and pruning as a verified int8 model."""
+    import json
+
+    import keras
+
+    from tfkd import config, io, models
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    keras.utils.set_random_seed(0)
+    info = digits.info()
+    student = models.get("keras:MobileNetV3Small", 10, (32, 32, 3), normalization=(info["mean"], info["std"]))
+    for layer in student._flatten_layers():  # moving statistics that keep up with 150 steps
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.9
+    trainer = keras.Model(student.input, student.output["logits"])
+    trainer.compile(optimizer=keras.optimizers.Adam(2e-3),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trainer.fit(digits.train_dataset(64), epochs=6, verbose=0)
+    student.save(run_dir / "student.keras")
+    io.write_json(run_dir / "dataset.json", info)
+    io.write_text(run_dir / "config.yaml", config.to_yaml(config.load()))
+    io.write_json(run_dir / "metrics.json", {"method": "student", "test_accuracy": 0.5, "stages": {}})
+    for method, left, options in (("qat", {"Rescaling", "Multiply"}, ["--epochs", "1"]),
+                                  ("prune", {"BatchNormalization"}, ["--epochs", "3", "--sparsity", "0.3"])):
+        result = compress(run_dir, "--out", tmp_path / method, "--method", method, *options,
+                          "--learning-rate", "0.002", "--max-test-images", "200")
+        assert result.returncode == 0, result.stderr[-2000:]
+        report = json.loads((tmp_path / method / "compress_report.json").read_text())
+        assert report["parity_max_abs_logit_diff"] <= report["parity_allowed"]
+        assert left <= set(report["not_wrapped_layer_kinds"])
+        assert (tmp_path / method / "model_int8.tflite").stat().st_size == report["compressed_int8"]["bytes"]
+        assert report["compressed_int8"]["bytes"] < 0.5 * report["fp32_tflite"]["bytes"]
+        assert report["test_images"] == 200 and report["float_keras_top1"] > 0.8
+        assert report["compressed_int8"]["top1"] >= report["float_keras_top1"] - report["max_drop"]
+    assert 0.2 < report["sparsity"] < 0.4

@@ -3,8 +3,9 @@
 TensorFlow Model Optimization works on tf_keras (Keras 2) models only, and importing it switches
 its process to Keras 2 (``TF_USE_LEGACY_KERAS=1``), so this module runs in its own process and
 is the only one that imports it. It rebuilds the Keras 3 student as a tf_keras functional model
-from the same zoo code (``tfkd.models.get(..., api=tf_keras)``), copies the weights layer by
-layer and checks the two agree, fine-tunes with the KD loss against the teacher's logits,
+from the same zoo code (``tfkd.models.get(..., api=tf_keras)``; a ``keras:NAME`` student from
+tf_keras's copy of keras.applications), copies the weights layer by layer and checks the two
+agree, wraps the layers TensorFlow Model Optimization supports, fine-tunes with the KD loss against the teacher's logits,
 strips the training wrappers and writes ``model_int8.tflite`` through the same conversion and
 verification as ``tfkd.export``, next to a post-training int8 export of the original student
 for comparison.
@@ -33,20 +34,59 @@ PARITY_TOLERANCE = 1e-5
 MAX_DROP = 0.10
 
 
-def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: int) -> Any:
-    """The same zoo architecture built with tf_keras, weights copied layer by layer."""
+def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: int,
+                        normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Any:
+    """The same architecture built with tf_keras, weights copied layer by layer: a zoo model
+    from the same zoo code, a ``keras:NAME`` network from tf_keras's copy of keras.applications
+    (as one flat graph, fed with the run's ``normalization``)."""
     import tf_keras
 
     from tfkd import models
+    from tfkd.models import applications
 
-    if student.name not in models.REGISTRY:
-        raise ModelError(f"student {student.name!r} is not a zoo model; compress rebuilds zoo models "
-                         "only (for a keras: network, tfkd.export's int8 formats quantize after training)")
-    legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
-    for layer in student.layers:
-        if layer.weights:
-            legacy.get_layer(layer.name).set_weights([w.numpy() for w in layer.weights])
+    network = "keras:" + student.name[len("keras_"):] if student.name.startswith("keras_") else ""
+    if student.name in models.REGISTRY:
+        legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
+        for layer in student.layers:
+            if layer.weights:
+                legacy.get_layer(layer.name).set_weights([w.numpy() for w in layer.weights])
+        return legacy
+    if not applications.is_application(network) or network.startswith(applications.HUB_PREFIX):
+        raise ModelError(f"student {student.name!r}: compress rebuilds zoo models and keras:NAME networks "
+                         "(tf_keras has no KerasHub; tfkd.export's int8 formats quantize after training)")
+    legacy = models.get(network, num_classes, image_shape, api=tf_keras, normalization=normalization)
+    copy_weights(student, legacy)
     return legacy
+
+
+def weighted_layers(model: Any) -> list[Any]:
+    """The layers holding weights, nested models opened, in graph order."""
+    found = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and hasattr(layer, "inputs"):
+            found.extend(weighted_layers(layer))
+        elif layer.weights:
+            found.append(layer)
+    return found
+
+
+def copy_weights(student: Any, legacy: Any) -> None:
+    """Copies the Keras 3 model's weights (and batch-norm momenta) into its tf_keras twin,
+    layer by layer in graph order (names differ: tf_keras numbers unnamed layers per process);
+    raises ``ModelError`` at the first layer whose kind or weight shapes differ."""
+    source, target = weighted_layers(student), weighted_layers(legacy)
+    if len(source) != len(target):
+        raise ModelError(f"tf_keras rebuild of {student.name} has {len(target)} layers with weights, "
+                         f"the Keras 3 model {len(source)}")
+    for a, b in zip(source, target):
+        values = [w.numpy() for w in a.weights]
+        shapes = [tuple(w.shape) for w in b.weights]
+        if type(a).__name__ != type(b).__name__ or [v.shape for v in values] != shapes:
+            raise ModelError(f"tf_keras rebuild of {student.name}: layer {b.name} ({type(b).__name__}, "
+                             f"{shapes}) does not match {a.name} ({type(a).__name__}, {[v.shape for v in values]})")
+        b.set_weights(values)
+        if hasattr(a, "momentum") and hasattr(b, "momentum"):
+            b.momentum = a.momentum
 
 
 def parity(student: Any, legacy: Any, images: np.ndarray) -> tuple[float, float]:
@@ -55,6 +95,49 @@ def parity(student: Any, legacy: Any, images: np.ndarray) -> tuple[float, float]
     a = student(images, training=False)["logits"].numpy()
     b = legacy(images, training=False)["logits"].numpy()
     return float(np.abs(a - b).max()), PARITY_TOLERANCE * max(1.0, float(np.abs(a).max()))
+
+
+def quantize_supported(model: Any) -> tuple[Any, list[str]]:
+    """``model`` with quantization-aware training on every layer TensorFlow Model Optimization's
+    default 8-bit scheme supports (batch norms fold into their convolutions), and the kinds of
+    layer left to the int8 converter's calibration (keras.applications' Rescaling, the
+    hard-swish Multiply): ``quantize_model`` refuses a model holding any of them."""
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import \
+        default_8bit_quantize_registry
+
+    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    left: set[str] = set()
+
+    def annotate(layer: Any) -> Any:
+        if registry.supports(layer) or isinstance(layer, tf_keras.layers.BatchNormalization):
+            return tfmot.quantization.keras.quantize_annotate_layer(layer)
+        if type(layer).__name__ != "InputLayer":
+            left.add(type(layer).__name__)
+        return layer
+
+    annotated = tf_keras.models.clone_model(model, clone_function=annotate)  # the same layer objects
+    return tfmot.quantization.keras.quantize_apply(annotated), sorted(left)
+
+
+def prune_supported(model: Any, schedule: Any) -> tuple[Any, list[str]]:
+    """``model`` with magnitude pruning on every layer with prunable weights (convolutions,
+    dense), and the kinds of layer with weights left dense (batch norms, normalization)."""
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+    from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
+
+    left: set[str] = set()
+
+    def wrap(layer: Any) -> Any:
+        if layer.weights and prune_registry.PruneRegistry._LAYERS_WEIGHTS_MAP.get(type(layer)):
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        if layer.weights:
+            left.add(type(layer).__name__)
+        return layer
+
+    return tf_keras.models.clone_model(model, clone_function=wrap), sorted(left)  # the same layer objects
 
 
 def kd_targets(data: Any, teacher: Any, batch_size: int, seed: int) -> Any:
@@ -131,7 +214,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     except (ConfigError, KeyError) as error:
         raise ModelError(f"{run_dir / 'dataset.json'}: damaged ({error})") from None
     teacher = load_teacher(teacher_path, data) if teacher_path else None
-    legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes)
+    legacy = rebuild_as_tf_keras(student, data.image_shape, data.num_classes, (info["mean"], info["std"]))
     gap, allowed = parity(student, legacy, data.normalize(data.pixels("test", 64)[0]).numpy())
     if not gap <= allowed:
         raise ModelError(f"tf_keras rebuild of {student.name} differs from the Keras 3 model by "
@@ -139,13 +222,13 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     logits_model = tf_keras.Model(legacy.input, legacy.output["logits"], name=student.name)
     steps = data.steps_per_epoch(batch_size) * epochs
     if method == "qat":
-        model = tfmot.quantization.keras.quantize_model(logits_model)
+        model, float_layers = quantize_supported(logits_model)
         callbacks: list[Any] = []
     else:
         end_step = max(1, int(steps * 0.7))  # then fine-tune at the final sparsity
         schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=end_step,
                                                         frequency=max(1, end_step // 20))
-        model = tfmot.sparsity.keras.prune_low_magnitude(logits_model, pruning_schedule=schedule)
+        model, float_layers = prune_supported(logits_model, schedule)
         callbacks = [tfmot.sparsity.keras.UpdatePruningStep()]
     lr = tf_keras.optimizers.schedules.CosineDecay(learning_rate, max(steps, 1))
     model.compile(optimizer=tf_keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
@@ -182,7 +265,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         result = {
             "method": method, "epochs": epochs, "teacher": str(teacher_path) if teacher_path else None,
             "kd_alpha": kd_alpha if teacher is not None else 0.0, "parity_max_abs_logit_diff": gap,
-            "parity_allowed": allowed, "fine_tune_seconds": seconds, "test_images": int(keras["images"]),
+            "parity_allowed": allowed, "not_wrapped_layer_kinds": float_layers, "fine_tune_seconds": seconds, "test_images": int(keras["images"]),
             "fine_tune_loss": [float(v) for v in losses], "max_drop": max_drop,
             "float_keras_top1": float_top1,
             "compressed_int8": report,

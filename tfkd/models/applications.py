@@ -84,7 +84,9 @@ def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3
     from tfkd.errors import ModelError
 
     if api is not None and api is not keras:
-        raise ModelError(f"{name}: keras.applications and KerasHub networks are built with Keras 3 only")
+        if name.startswith(HUB_PREFIX) or getattr(api, "__name__", "") != "tf_keras":
+            raise ModelError(f"{name}: KerasHub networks are built with Keras 3 only")
+        return _legacy_logits_model(name, num_classes, input_shape, normalization, api)
     if name.startswith(HUB_PREFIX):
         base, convention = _hub_backbone(name, input_shape, weights)
         body = f"{model_name(name)}_body"
@@ -182,6 +184,32 @@ def _hub_backbone(name: str, input_shape: Sequence[int], weights: str | None) ->
     if weights not in (None, "imagenet", "preset"):
         base.load_weights(weights)
     return base, hub_convention(preset)
+
+
+def _legacy_logits_model(name: str, num_classes: int, input_shape: Sequence[int],
+                         normalization: tuple[Sequence[float], Sequence[float]] | None, api: ModuleType) -> Any:
+    """``keras:NAME`` built with tf_keras as one flat graph (``tfkd.compress``: TensorFlow Model
+    Optimization wraps layers of a flat tf_keras model only) with the same layers, in the same
+    order, as the Keras 3 model's: feed, network, pooling, logits. Output ``{"logits"}`` only (no
+    taps: compress fine-tunes the logits); random weights, to be copied from the Keras 3 model."""
+    from tfkd.errors import ModelError
+    from tfkd.models import wrap
+
+    net = network(name)
+    if net not in NETWORKS:
+        raise ModelError(f"unknown network {name!r}; keras: networks: {', '.join(sorted(NETWORKS))}")
+    kwargs: dict[str, Any] = {}
+    if net.startswith(("MobileNetV3", "EfficientNetV2", "ConvNeXt")):
+        kwargs["include_preprocessing"] = True
+    images = api.Input(tuple(input_shape), name="images")
+    x = images
+    if normalization is not None:
+        feed = wrap.feed_layer(normalization[0], normalization[1], wrap.named(NETWORKS[net], net), api=api)
+        x = feed(images)
+    base = getattr(api.applications, net)(include_top=False, weights=None, input_tensor=x, **kwargs)
+    pooled = api.layers.GlobalAveragePooling2D(name="pool")(base.output)
+    logits = api.layers.Dense(num_classes, name="logits")(pooled)
+    return api.Model(images, {"logits": logits}, name=model_name(name))
 
 
 def with_head(base: Any, convention: Any, num_classes: int, input_shape: Sequence[int],

@@ -108,10 +108,14 @@ def _affine(data_mean: Sequence[float], data_std: Sequence[float],
 
 
 def feed_layer(data_mean: Sequence[float], data_std: Sequence[float], convention: InputConvention,
-               name: str = "feed") -> Any:
+               name: str = "feed", api: Any = None) -> Any:
     """The layer turning run-normalized images (``data_mean``/``data_std``) into what
-    ``convention`` says (an identity layer when the two agree)."""
-    import keras
+    ``convention`` says (an identity layer when the two agree). ``api``: the Keras module that
+    builds it (default Keras 3; tf_keras for ``tfkd.compress``)."""
+    if api is None:
+        import keras
+    else:
+        keras = api
 
     scale, shift = _affine(data_mean, data_std, convention)
     if np.allclose(scale, 1.0, rtol=0, atol=1e-7) and np.allclose(shift, 0.0, rtol=0, atol=1e-7):
