@@ -713,7 +713,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.set_ylim(max(0.0, min(present) - 5), min(100.0, max(present) + 3))
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(f"{results['protocol']}: {', '.join(results.get('students') or [results['student']])} "
-                 f"student, {results['epochs']} epochs "
+                 f"student, {results['epochs']} epochs\n"
                  "(label: gain over the student alone, pt; error bars: std over seeds)", fontsize=9)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
