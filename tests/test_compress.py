@@ -65,3 +65,18 @@ def test_compress_rebuilds_a_keras_applications_student_and_quantizes_it(tmp_pat
         assert report["test_images"] == 200 and report["float_keras_top1"] > 0.8
         assert report["compressed_int8"]["top1"] >= report["float_keras_top1"] - report["max_drop"]
     assert 0.2 < report["sparsity"] < 0.4
+
+
+def test_compress_names_what_it_cannot_rebuild():
+    import keras
+    import pytest
+
+    from tfkd.compress import rebuild_as_tf_keras
+    from tfkd.errors import ModelError
+
+    images = keras.Input((32, 32, 3))
+    other = keras.Model(images, {"logits": keras.layers.Dense(10)(keras.layers.Flatten()(images))},
+                        name="keras_hub_resnet_18_imagenet")
+    with pytest.raises(ModelError, match="'keras_hub_resnet_18_imagenet': compress rebuilds zoo models and "
+                                         "keras:NAME networks"):
+        rebuild_as_tf_keras(other, (32, 32, 3), 10)

@@ -39,21 +39,22 @@ def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: i
     """The same architecture built with tf_keras, weights copied layer by layer: a zoo model
     from the same zoo code, a ``keras:NAME`` network from tf_keras's copy of keras.applications
     (as one flat graph, fed with the run's ``normalization``)."""
-    import tf_keras
-
     from tfkd import models
     from tfkd.models import applications
 
     network = "keras:" + student.name[len("keras_"):] if student.name.startswith("keras_") else ""
-    if student.name in models.REGISTRY:
+    zoo = student.name in models.REGISTRY
+    if not zoo and not applications.is_application(network):
+        raise ModelError(f"student {student.name!r}: compress rebuilds zoo models and keras:NAME networks "
+                         "(tf_keras has no KerasHub; tfkd.export's int8 formats quantize after training)")
+    import tf_keras
+
+    if zoo:
         legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
         for layer in student.layers:
             if layer.weights:
                 legacy.get_layer(layer.name).set_weights([w.numpy() for w in layer.weights])
         return legacy
-    if not applications.is_application(network) or network.startswith(applications.HUB_PREFIX):
-        raise ModelError(f"student {student.name!r}: compress rebuilds zoo models and keras:NAME networks "
-                         "(tf_keras has no KerasHub; tfkd.export's int8 formats quantize after training)")
     legacy = models.get(network, num_classes, image_shape, api=tf_keras, normalization=normalization)
     copy_weights(student, legacy)
     return legacy
