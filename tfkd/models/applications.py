@@ -85,7 +85,8 @@ def build(name: str, num_classes: int, input_shape: Sequence[int] = (224, 224, 3
 
     if api is not None and api is not keras:
         if name.startswith(HUB_PREFIX) or getattr(api, "__name__", "") != "tf_keras":
-            raise ModelError(f"{name}: KerasHub networks are built with Keras 3 only")
+            raise ModelError(f"{name}: built with Keras 3 (keras: networks also with tf_keras), "
+                             f"not {getattr(api, '__name__', api)}")
         return _legacy_logits_model(name, num_classes, input_shape, normalization, api)
     if name.startswith(HUB_PREFIX):
         base, convention = _hub_backbone(name, input_shape, weights)
@@ -113,12 +114,10 @@ def from_scratch_batch_norm(network: Any) -> None:
             layer.momentum = SCRATCH_BN_MOMENTUM
 
 
-def _application(name: str, input_shape: Sequence[int], weights: str | None) -> tuple[Any, Any]:
-    """A top-less ``keras.applications`` network and the input convention it takes."""
-    import keras
-
+def _network_and_options(name: str) -> tuple[str, dict[str, Any]]:
+    """The keras.applications function name of ``keras:NAME`` and the options it is built with
+    (the networks that can keep their [0, 255] rescaling inside are asked to)."""
     from tfkd.errors import ModelError
-    from tfkd.models import wrap
 
     net = network(name)
     if net not in NETWORKS:
@@ -126,6 +125,17 @@ def _application(name: str, input_shape: Sequence[int], weights: str | None) -> 
     kwargs: dict[str, Any] = {}
     if net.startswith(("MobileNetV3", "EfficientNetV2", "ConvNeXt")):
         kwargs["include_preprocessing"] = True
+    return net, kwargs
+
+
+def _application(name: str, input_shape: Sequence[int], weights: str | None) -> tuple[Any, Any]:
+    """A top-less ``keras.applications`` network and the input convention it takes."""
+    import keras
+
+    from tfkd.errors import ModelError
+    from tfkd.models import wrap
+
+    net, kwargs = _network_and_options(name)
     try:
         base = getattr(keras.applications, net)(include_top=False, weights=weights,
                                                  input_shape=tuple(input_shape), **kwargs)
@@ -192,15 +202,9 @@ def _legacy_logits_model(name: str, num_classes: int, input_shape: Sequence[int]
     Optimization wraps layers of a flat tf_keras model only) with the same layers, in the same
     order, as the Keras 3 model's: feed, network, pooling, logits. Output ``{"logits"}`` only (no
     taps: compress fine-tunes the logits); random weights, to be copied from the Keras 3 model."""
-    from tfkd.errors import ModelError
     from tfkd.models import wrap
 
-    net = network(name)
-    if net not in NETWORKS:
-        raise ModelError(f"unknown network {name!r}; keras: networks: {', '.join(sorted(NETWORKS))}")
-    kwargs: dict[str, Any] = {}
-    if net.startswith(("MobileNetV3", "EfficientNetV2", "ConvNeXt")):
-        kwargs["include_preprocessing"] = True
+    net, kwargs = _network_and_options(name)
     images = api.Input(tuple(input_shape), name="images")
     x = images
     if normalization is not None:
