@@ -99,25 +99,33 @@ def one_step():
     return run
 
 
+def write_student_run(run_dir, student, data, optimizer, epochs):
+    """Trains ``student`` on ``data`` with cross-entropy and writes ``run_dir`` as tfkd.train
+    writes a student run (student.keras, dataset.json, config.yaml, metrics.json)."""
+    import keras
+
+    from tfkd import config, io
+
+    trainer = keras.Model(student.input, student.output["logits"])
+    trainer.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trainer.fit(data.train_dataset(64), epochs=epochs, verbose=0)
+    student.save(run_dir / "student.keras")
+    io.write_json(run_dir / "dataset.json", data.info())
+    io.write_text(run_dir / "config.yaml", config.to_yaml(config.load()))
+    io.write_json(run_dir / "metrics.json", {"method": "student", "test_accuracy": 0.5, "stages": {}})
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def student_run(tmp_path_factory, digits):
     """A run folder with a briefly trained resnet8 student on digits, as tfkd.train writes it."""
     import keras
 
-    from tfkd import config, io, models
+    from tfkd import models
 
-    run_dir = tmp_path_factory.mktemp("student_run")
     keras.utils.set_random_seed(0)
-    student = models.get("resnet8", 10)
-    trainer = keras.Model(student.input, student.output["logits"])
-    trainer.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    trainer.fit(digits.train_dataset(64), epochs=3, verbose=0)
-    student.save(run_dir / "student.keras")
-    io.write_json(run_dir / "dataset.json", digits.info())
-    io.write_text(run_dir / "config.yaml", config.to_yaml(config.load()))
-    io.write_json(run_dir / "metrics.json", {"method": "student", "test_accuracy": 0.5, "stages": {}})
-    return run_dir
+    return write_student_run(tmp_path_factory.mktemp("student_run"), models.get("resnet8", 10), digits,
+                             keras.optimizers.SGD(0.05, momentum=0.9), epochs=3)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,8 @@ def test_compress_rebuilds_a_keras_applications_student_and_quantizes_it(tmp_pat
 
     import keras
 
-    from tfkd import config, io, models
+    from conftest import write_student_run
+    from tfkd import models
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -44,14 +45,7 @@ def test_compress_rebuilds_a_keras_applications_student_and_quantizes_it(tmp_pat
     for layer in student._flatten_layers():  # moving statistics that keep up with 150 steps
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.9
-    trainer = keras.Model(student.input, student.output["logits"])
-    trainer.compile(optimizer=keras.optimizers.Adam(2e-3),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    trainer.fit(digits.train_dataset(64), epochs=6, verbose=0)
-    student.save(run_dir / "student.keras")
-    io.write_json(run_dir / "dataset.json", info)
-    io.write_text(run_dir / "config.yaml", config.to_yaml(config.load()))
-    io.write_json(run_dir / "metrics.json", {"method": "student", "test_accuracy": 0.5, "stages": {}})
+    write_student_run(run_dir, student, digits, keras.optimizers.Adam(2e-3), epochs=6)
     for method, left, options in (("qat", {"Rescaling", "Multiply"}, ["--epochs", "1"]),
                                   ("prune", {"BatchNormalization"}, ["--epochs", "3", "--sparsity", "0.3"])):
         result = compress(run_dir, "--out", tmp_path / method, "--method", method, *options,

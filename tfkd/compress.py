@@ -49,13 +49,8 @@ def rebuild_as_tf_keras(student: Any, image_shape: Sequence[int], num_classes: i
                          "(tf_keras has no KerasHub; tfkd.export's int8 formats quantize after training)")
     import tf_keras
 
-    if zoo:
-        legacy = models.get(student.name, num_classes, image_shape, api=tf_keras)
-        for layer in student.layers:
-            if layer.weights:
-                legacy.get_layer(layer.name).set_weights([w.numpy() for w in layer.weights])
-        return legacy
-    legacy = models.get(network, num_classes, image_shape, api=tf_keras, normalization=normalization)
+    legacy = models.get(student.name if zoo else network, num_classes, image_shape, api=tf_keras,
+                        normalization=normalization)  # (zoo models take normalized images as they are)
     copy_weights(student, legacy)
     return legacy
 
@@ -73,7 +68,8 @@ def weighted_layers(model: Any) -> list[Any]:
 
 def copy_weights(student: Any, legacy: Any) -> None:
     """Copies the Keras 3 model's weights (and batch-norm momenta) into its tf_keras twin,
-    layer by layer in graph order (names differ: tf_keras numbers unnamed layers per process);
+    layer by layer in graph order (not by name: tf_keras numbers the unnamed layers of
+    keras.applications networks per process);
     raises ``ModelError`` at the first layer whose kind or weight shapes differ."""
     source, target = weighted_layers(student), weighted_layers(legacy)
     if len(source) != len(target):
