@@ -3,7 +3,7 @@
 A method is one small module in this package: its options (a dataclass, read as
 ``distill.<name>.*``), the teachers it takes (by role, in command-line order), the loss terms it
 builds from its options (``tfkd.distill.terms``), and for a modifier (``ls``) how it changes the
-terms of the methods before it. Adding a method is one new module and one line below.
+terms of the methods before it. Adding a method is one new module and one line in ``MODULES``.
 
 Methods compose with ``+``: ``cft+dkd`` is cft's terms with DKD's term in the slot of cft's KD
 term (it reads the teacher the replaced term read), a term of a slot the first method lacks is
@@ -13,11 +13,27 @@ term. Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tfkd.distill.methods import at, cft, crd, dist, dkd, fitnet, kd, ls, mktn, ofd, reviewkd, student
 from tfkd.errors import ConfigError
+
+#: The registry: one line per method module of this package, in the order help texts list them.
+MODULES = (
+    "student",
+    "kd",
+    "fitnet",
+    "at",
+    "cft",
+    "mktn",
+    "dkd",
+    "dist",
+    "ls",
+    "ofd",
+    "reviewkd",
+    "crd",
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +69,7 @@ def spec(module: Any) -> Method:
 
 
 REGISTRY: dict[str, Method] = {m.NAME: spec(m) for m in (
-    student, kd, fitnet, at, cft, mktn, dkd, dist, ls, ofd, reviewkd, crd)}
+    importlib.import_module(f"{__name__}.{module}") for module in MODULES)}
 METHODS = tuple(REGISTRY)
 #: Training recipe of each teacher role for ``--stage all``: (lambda_cls, lambda_rec); None: the
 #: config's ``teacher.lambda_cls``/``lambda_rec``.
