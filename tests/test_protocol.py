@@ -117,9 +117,10 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     protocol = protocol_lib.load(str(path))
     jobs = protocol_lib.jobs(protocol, tmp_path / "out", None)
     _fake_run(jobs[0].run_dir, "teacher", test_accuracy=0.9, val_accuracy=0.89, test_psnr=20.0,
-              model="resnet8", lambda_cls=1.0, lambda_rec=1.0)
+              model="resnet8", lambda_cls=1.0, lambda_rec=1.0, wall_seconds=3600.0)
     for job, (val, test) in zip(jobs[1:], [(0.70, 0.80), (0.72, 0.82), (0.75, 0.83), (0.77, 0.87)]):
-        _fake_run(job.run_dir, "student", val_accuracy=val, test_accuracy=test)
+        _fake_run(job.run_dir, "student", val_accuracy=val, test_accuracy=test, wall_seconds=5.0,
+                  epochs_seconds=1800.0)
     results = protocol_lib.report(protocol, tmp_path / "out", jobs, "cmd")
     student, kd = results["runs"]["student"], results["runs"]["kd"]
     assert student["test"]["mean"] == pytest.approx(0.81)
@@ -128,7 +129,9 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     assert kd["test"]["gain_over_student"] == pytest.approx(0.04)
     assert kd["val"]["gain_over_student"] == pytest.approx(0.05)
     assert results["complete"] and results["teachers"]["rec"]["test_accuracy"] == 0.9
+    assert results["run_seconds"] == pytest.approx(3600 + 4 * 1800)  # epochs_seconds, else wall_seconds
     table = (tmp_path / "out/results.md").read_text()
+    assert "Run time: 3.0 h" in table
     assert "| kd | kd | rec | — | 0, 1 | 76.00 ± 1.41 | 85.00 ± 2.83 | +4.00 |" in table
     assert (tmp_path / "out/results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -83,7 +83,7 @@ def _metrics_without_timing(run_dir):
 
     def strip(d):
         return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()
-                if k not in ("wall_seconds", "train_images_per_second")}
+                if k not in ("wall_seconds", "epochs_seconds", "train_images_per_second")}
     return strip(metrics)
 
 
@@ -180,6 +180,9 @@ def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path
         epochs = [int(r["epoch"]) for r in rows]
         assert metrics["epochs"] == 5 and epochs[-1] == 4 and sorted(set(epochs)) == [0, 1, 2, 3, 4]
         assert len(epochs) <= 6  # at most the killed epoch is logged twice: resumed, not restarted
+        seconds = json.loads((run_dir / "distill_seconds.json").read_text())["epoch_seconds"]
+        assert len(seconds) == 5 and all(s > 0 for s in seconds)  # every epoch timed, across the kill
+        assert metrics["epochs_seconds"] == pytest.approx(sum(seconds))
         outcomes[point] = (at_kill, metrics["epochs_run_here"], metrics["test_accuracy"])
         if point == "evaluate":
             assert metrics["epochs_run_here"] == 0  # training had finished: only evaluation re-ran
@@ -283,6 +286,20 @@ def test_model_files_with_code_are_refused(tmp_path, capsys):
     assert export.main([str(tmp_path / "lambda.keras"), "--out", str(tmp_path / "out")]) == 4
     assert "not a loadable Keras model" in capsys.readouterr().err
     assert not (run_dir / "student.keras").exists() and not (tmp_path / "out").exists()
+
+
+def test_epoch_clock_keeps_each_epoch_once_across_a_resume(tmp_path):
+    now = iter([0.0, 10.0, 10.0, 30.0, 30.0, 60.0,  # epochs 0-2 of the first process: 10, 20, 30 s
+                100.0, 125.0, 125.0, 165.0,  # resumed at epoch 2 (the epoch lost to a kill): 25, 40 s
+                200.0, 205.0])
+    clock = callbacks.EpochClock(tmp_path / "distill_seconds.json")
+    clock.now = lambda: next(now)
+    for epoch in (0, 1, 2, 2, 3):
+        clock.on_epoch_begin(epoch)
+        clock.on_epoch_end(epoch)
+    assert clock.recorded() == [10.0, 20.0, 25.0, 40.0] and clock.total == 95.0
+    clock.on_epoch_begin(0), clock.on_epoch_end(0)  # a restart from scratch forgets the old epochs
+    assert len(clock.recorded()) == 1
 
 
 def test_backup_is_replaced_whole_or_not_at_all(tmp_path):

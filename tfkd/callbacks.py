@@ -1,5 +1,5 @@
-"""Keras callbacks for cross-cutting work: pictures at the end of training, throughput, the
-NaN guard and the run's status file."""
+"""Keras callbacks for cross-cutting work: pictures at the end of training, throughput, epoch
+times, the NaN guard and the run's status file."""
 
 from __future__ import annotations
 
@@ -83,6 +83,39 @@ class ThroughputMeter(keras.callbacks.Callback):
         seconds, batches = (self.seconds[1:], self.batches[1:]) if len(self.seconds) > 1 else (
             self.seconds, self.batches)
         return sum(batches) * self.batch_size / max(sum(seconds), 1e-9)
+
+
+class EpochClock(keras.callbacks.Callback):
+    """Keeps each epoch's wall time (training and validation) in a JSON file of the run folder,
+    so a run resumed after it was killed still knows how long its epochs took in all. An epoch
+    trained again after a resume replaces its earlier record; the part of an epoch lost to a kill
+    is not counted."""
+
+    now = staticmethod(time.perf_counter)
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    def recorded(self) -> list[float | None]:
+        """Seconds of each epoch so far (None: an epoch trained before this file was kept)."""
+        if not self.path.exists():
+            return []
+        import json
+
+        return list(json.loads(self.path.read_text()).get("epoch_seconds", []))
+
+    @property
+    def total(self) -> float:
+        return float(sum(s for s in self.recorded() if s is not None))
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._start = self.now()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        seconds = self.recorded()[:epoch]
+        seconds += [None] * (epoch - len(seconds)) + [self.now() - self._start]
+        io.write_json(self.path, {"epoch_seconds": seconds})
 
 
 class NanGuard(keras.callbacks.Callback):

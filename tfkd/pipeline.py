@@ -80,7 +80,8 @@ def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
 
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
          extra_callbacks: list[Any], with_index: bool = False) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any]:
-    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter).
+    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter);
+    ``meter.epochs_seconds``: the summed wall time of the stage's epochs, across resumes.
     ``with_index``: training batches carry each example's index in the split (memory banks)."""
     import keras
 
@@ -91,6 +92,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     val_ds = data.eval_dataset("val", batch) if data.count("val") else None
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
+    clock = callbacks.EpochClock(out_dir / f"{stage}_seconds.json")
     chief_backup = Path(cfg.run_dir) / "backup" / stage
     own_backup = out_dir / "backup" / stage
     cbs = [
@@ -105,7 +107,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
-        meter, *extra_callbacks,
+        meter, clock, *extra_callbacks,
     ]
     verbose = cfg.progress if cfg.progress is not None else (1 if sys.stdout.isatty() else 2)
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
@@ -124,6 +126,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
                          labels=data.test_labels.astype(np.int32))
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
     status.write("save")
+    meter.epochs_seconds = clock.total
     return history, val, test, meter
 
 
@@ -207,7 +210,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "test_loss": test.get("loss"),
         "params": int(backbone.count_params()),
         "train_images_per_second": meter.images_per_second,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": time.perf_counter() - start, "epochs_seconds": meter.epochs_seconds,
     }
 
 
@@ -403,7 +406,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"), "params": int(student.count_params()),
         "train_images_per_second": meter.images_per_second, **last,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": time.perf_counter() - start, "epochs_seconds": meter.epochs_seconds,
     }
 
 

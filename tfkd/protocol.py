@@ -545,7 +545,8 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
         if job.kind in ("teacher", "import"):
             teachers[job.name] = {key: result.get(key) for key in (
                 "model", "lambda_cls", "lambda_rec", "init_from", "init_test_accuracy", "val_accuracy",
-                "test_accuracy", "test_psnr", "params", "train_images_per_second", "wall_seconds")}
+                "test_accuracy", "test_psnr", "params", "train_images_per_second", "wall_seconds",
+                "epochs_seconds")}
             teachers[job.name]["kind"] = "imported" if job.kind == "import" else (
                 "fine-tuned" if protocol.teachers[job.name].init_from else "trained")
             if job.kind == "teacher" and protocol.teachers[job.name].init_from:
@@ -556,7 +557,8 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
             "run": run.name, "student": job.student, "method": run.method, "teachers": run.teachers,
             "set": run.set, "ablation": run.ablation, "description": run.description, "seeds": {}})
         entry["seeds"][str(job.seed)] = {"finished": finished[id(job)], **{key: result.get(key) for key in (
-            "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds")}}
+            "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds",
+            "epochs_seconds")}}
         flags = _predictions(job.run_dir) if finished[id(job)] else None
         if flags is not None:
             correct.setdefault(job.name, {})[job.seed] = flags
@@ -581,6 +583,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
         **provenance(command),
         "complete": all(finished.values()),
         "teachers": teachers, "runs": runs,
+        "run_seconds": _run_seconds(teachers, runs),
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
         "gain_ratio_intervals": ratios,
         "interval_method": f"95% percentile interval of a two-level paired bootstrap ({RESAMPLES} "
@@ -591,6 +594,14 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
     io.write_text(out / "results.md", markdown(results))
     plot(results, out / "results.png")
     return results
+
+
+def _run_seconds(teachers: dict[str, Any], runs: dict[str, Any]) -> float:
+    """The summed time of the finished teacher and student runs: each run's epochs across resumes
+    (``epochs_seconds``), or for a run recorded without them, its last process's wall time."""
+    records = [t for t in teachers.values()]
+    records += [s for r in runs.values() for s in r["seeds"].values() if s["finished"]]
+    return float(sum(r.get("epochs_seconds") or r.get("wall_seconds") or 0.0 for r in records))
 
 
 def _first_epochs(job_list: list[Job], protocol: Protocol) -> int:
@@ -676,6 +687,9 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines += ["", f"cft's gain over the student alone / kd's gain: "
                       f"{'—' if ratio is None else f'{ratio:.2f}x'}", ""]
+    if results.get("run_seconds"):
+        lines += [f"Run time: {results['run_seconds'] / 3600:.1f} h, the finished runs' epochs summed "
+                  "(on a shared machine a run takes longer than alone)", ""]
     lines += [f"Command: `{results['command']}`  ",
               f"Commit: `{results['git_commit']}`, date {results['date']}  ",
               f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
