@@ -262,6 +262,16 @@ def test_report_only_on_unfinished_runs_marks_them_and_records_the_training_comm
     assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out out"
 
 
+def test_report_only_with_only_reports_just_those_runs_and_their_teachers(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    result = _bench(["--protocol", str(path), "--out", "out", "--report-only", "--only", "kd"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert list(results["runs"]) == ["kd"] and list(results["teachers"]) == ["rec"]
+    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out out --only kd"
+
+
 def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)

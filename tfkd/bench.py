@@ -335,13 +335,17 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         str(Path(args.data_dir).parent / "teachers") if args.data_dir else None)
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
                                  args.set, args.validation_only, teachers_dir)
-    # the report covers every run of the protocol, finished ones from the cache, even with --only
-    every_job = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, None,
-                                  args.set, args.validation_only, teachers_dir)
-    # the command that trains every reported run: without --report-only and --only RUN ...
+    # the report covers every run of the protocol, finished ones from the cache, even when --only
+    # runs a subset; --report-only --only RUN ... reports just those runs (and their teachers)
+    scoped = bool(args.report_only and args.only)
+    every_job = job_list if scoped else protocol_lib.jobs(
+        protocol, out, args.data_dir, args.epochs, args.seeds, None, args.set, args.validation_only,
+        teachers_dir)
+    # the command that trains every reported run: without --report-only (and --only RUN ... unless
+    # the report is scoped to them)
     kept, skipping = [], False
     for arg in args.argv:
-        skipping = arg == "--only" or (skipping and not arg.startswith("--"))
+        skipping = not scoped and (arg == "--only" or (skipping and not arg.startswith("--")))
         if not skipping and arg != "--report-only":
             kept.append(arg)
     command = "python -m tfkd.bench " + shlex.join(kept)
@@ -374,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: benchmarks/results/PROTOCOL)")
     p.add_argument("--epochs", type=cli.positive_int, help="epochs of every teacher and student run")
     p.add_argument("--seeds", type=cli.seed_int, nargs="+", help="student seeds (mean ± std over them)")
-    p.add_argument("--only", nargs="+", metavar="RUN", help="run only these runs of the protocol")
+    p.add_argument("--only", nargs="+", metavar="RUN",
+                   help="run only these runs of the protocol (the report still shows every "
+                        "finished run; with --report-only: only these)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (tuning), e.g. distill.beta=0.01")
     p.add_argument("--validation-only", action="store_true",
