@@ -688,8 +688,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"cft's gain over the student alone / kd's gain: "
                       f"{'—' if ratio is None else f'{ratio:.2f}x'}", ""]
     if results.get("run_seconds"):
-        lines += [f"Run time: {results['run_seconds'] / 3600:.1f} h, the finished runs' epochs summed "
-                  "(on a shared machine a run takes longer than alone)", ""]
+        lines += [f"Run time: {results['run_seconds'] / 3600:.1f} h, the finished runs' times summed "
+                  "(each run's epochs across resumes; a run that did not record them: its last "
+                  "process's wall time; on a shared machine a run takes longer than alone)", ""]
     lines += [f"Command: `{results['command']}`  ",
               f"Commit: `{results['git_commit']}`, date {results['date']}  ",
               f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
