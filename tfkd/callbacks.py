@@ -107,6 +107,7 @@ class EpochClock(keras.callbacks.Callback):
 
     @property
     def total(self) -> float:
+        """Seconds of the recorded epochs, summed."""
         return float(sum(s for s in self.recorded() if s is not None))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
