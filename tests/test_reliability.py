@@ -292,14 +292,16 @@ def test_epoch_clock_keeps_each_epoch_once_across_a_resume(tmp_path):
     now = iter([0.0, 10.0, 10.0, 30.0, 30.0, 60.0,  # epochs 0-2 of the first process: 10, 20, 30 s
                 100.0, 125.0, 125.0, 165.0,  # resumed at epoch 2 (the epoch lost to a kill): 25, 40 s
                 200.0, 205.0])
-    clock = callbacks.EpochClock(tmp_path / "distill_seconds.json")
-    clock.now = lambda: next(now)
-    for epoch in (0, 1, 2, 2, 3):
-        clock.on_epoch_begin(epoch)
-        clock.on_epoch_end(epoch)
-    assert clock.recorded() == [10.0, 20.0, 25.0, 40.0] and clock.total == 95.0
-    clock.on_epoch_begin(0), clock.on_epoch_end(0)  # a restart from scratch forgets the old epochs
-    assert len(clock.recorded()) == 1
+    for epochs in ((0, 1, 2), (2, 3), (0,)):  # a process each: the first, its resume, a restart
+        clock = callbacks.EpochClock(tmp_path / "distill_seconds.json")
+        clock.now = lambda: next(now)
+        clock.on_train_begin()
+        for epoch in epochs:
+            clock.on_epoch_begin(epoch)
+            clock.on_epoch_end(epoch)
+        if epochs == (2, 3):
+            assert clock.recorded() == [10.0, 20.0, 25.0, 40.0] and clock.total == 95.0
+    assert clock.recorded() == [5.0]  # a restart from scratch forgets the old epochs
 
 
 def test_backup_is_replaced_whole_or_not_at_all(tmp_path):

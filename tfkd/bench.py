@@ -338,7 +338,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     # the report covers every run of the protocol, finished ones from the cache, even when --only
     # runs a subset; --report-only --only RUN ... reports just those runs (and their teachers)
     scoped = bool(args.report_only and args.only)
-    every_job = job_list if scoped else protocol_lib.jobs(
+    report_jobs = job_list if scoped else protocol_lib.jobs(
         protocol, out, args.data_dir, args.epochs, args.seeds, None, args.set, args.validation_only,
         teachers_dir)
     # the command that trains every reported run: without --report-only (and --only RUN ... unless
@@ -350,9 +350,9 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             kept.append(arg)
     command = "python -m tfkd.bench " + shlex.join(kept)
     if args.report_only:
-        results = protocol_lib.report(protocol, out, every_job, command)
+        results = protocol_lib.report(protocol, out, report_jobs, command)
     else:
-        results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=every_job)
+        results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=report_jobs)
     print(protocol_lib.markdown(results))
     print(f"tfkd.bench: wrote {out / 'results.json'}, results.md, results.png")
     return results

@@ -3,6 +3,7 @@ times, the NaN guard and the run's status file."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -96,27 +97,28 @@ class EpochClock(keras.callbacks.Callback):
     def __init__(self, path: str | Path) -> None:
         super().__init__()
         self.path = Path(path)
+        self.seconds: list[float | None] = []
 
     def recorded(self) -> list[float | None]:
-        """Seconds of each epoch so far (None: an epoch trained before this file was kept)."""
-        if not self.path.exists():
-            return []
-        import json
-
-        return list(json.loads(self.path.read_text()).get("epoch_seconds", []))
+        """Seconds of each epoch in the file (None: an epoch whose time was not recorded, e.g.
+        trained before this file was kept)."""
+        return list(json.loads(self.path.read_text()).get("epoch_seconds", [])) if self.path.exists() else []
 
     @property
     def total(self) -> float:
         """Seconds of the recorded epochs, summed."""
         return float(sum(s for s in self.recorded() if s is not None))
 
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.seconds = self.recorded()
+
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._start = self.now()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        seconds = self.recorded()[:epoch]
-        seconds += [None] * (epoch - len(seconds)) + [self.now() - self._start]
-        io.write_json(self.path, {"epoch_seconds": seconds})
+        self.seconds = self.seconds[:epoch] + [None] * (epoch - len(self.seconds))
+        self.seconds.append(self.now() - self._start)
+        io.write_json(self.path, {"epoch_seconds": self.seconds})
 
 
 class NanGuard(keras.callbacks.Callback):

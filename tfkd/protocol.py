@@ -599,7 +599,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
 def _run_seconds(teachers: dict[str, Any], runs: dict[str, Any]) -> float:
     """The summed time of the finished teacher and student runs: each run's epochs across resumes
     (``epochs_seconds``), or for a run recorded without them, its last process's wall time."""
-    records = [t for t in teachers.values()]
+    records = list(teachers.values())
     records += [s for r in runs.values() for s in r["seeds"].values() if s["finished"]]
     return float(sum(r.get("epochs_seconds") or r.get("wall_seconds") or 0.0 for r in records))
 
