@@ -96,6 +96,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     chief_backup = Path(cfg.run_dir) / "backup" / stage
     own_backup = out_dir / "backup" / stage
     cbs = [
+        clock,  # before the backup: a kill between the two re-trains an epoch whose time was kept
         # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
         # killed during the final evaluation resumes there instead of training again. Every
         # worker resumes from the chief's backup: a worker killed between an epoch's last step
@@ -107,7 +108,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
-        meter, clock, *extra_callbacks,
+        meter, *extra_callbacks,
     ]
     verbose = cfg.progress if cfg.progress is not None else (1 if sys.stdout.isatty() else 2)
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
