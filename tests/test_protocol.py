@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tfkd import protocol as protocol_lib
@@ -149,6 +150,87 @@ def test_report_names_the_seeds_a_partial_row_comes_from(tmp_path):
     table = (tmp_path / "out/results.md").read_text()
     assert "| kd | kd | rec | — | 0, 1 (not finished: 2) | 82.00 ± 2.83 | 82.00 ± 2.83 | — |" in table
     assert "| student | student | — | — | — | — | — | — |" in table
+
+
+def _correct(n: int, right: int, seed: int = 0) -> np.ndarray:
+    """n images of which the first ``right`` are classified correctly, in a fixed shuffled order
+    that every run shares (so a run with more right is a superset of one with fewer)."""
+    flags = np.zeros(n, bool)
+    flags[:right] = True
+    return flags[np.random.default_rng(seed).permutation(n)]
+
+
+def test_bootstrap_interval_of_a_paired_difference_is_the_normal_one():
+    n = 10_000
+    rng = np.random.default_rng(3)
+    a = rng.random(n) < 0.85
+    b = a.copy()
+    b[rng.choice(np.flatnonzero(a), 500, replace=False)] = False  # b loses 500 images a gets
+    b[rng.choice(np.flatnonzero(~a), 300, replace=False)] = True  # and wins 300 a misses
+    seeds, boot = protocol_lib.bootstrap({"a": {0: a}, "b": {0: b}})
+    assert seeds == [0] and boot["a"].shape == (protocol_lib.RESAMPLES,)
+    assert boot["a"].mean() == pytest.approx(a.mean(), abs=1e-3)
+    d = a.astype(float) - b
+    se = d.std() / np.sqrt(n)  # the paired difference's standard error: about 0.28 pt here
+    lo, hi = np.percentile(boot["a"] - boot["b"], [2.5, 97.5])
+    assert (lo + hi) / 2 == pytest.approx(d.mean(), abs=0.2 * se)
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.1)
+    unpaired = np.sqrt(a.var() / n + b.var() / n)  # what ignoring the pairing would give: 1.8x wider
+    assert hi - lo < 0.7 * 2 * 1.96 * unpaired
+
+
+def test_bootstrap_draws_the_seeds_too():
+    # seed 0: a beats b by 10 pt, seed 1: b beats a by 10 pt. Drawing images alone would give an
+    # interval of about +-1 pt around 0; drawing seeds too, a quarter of the resamples are seed 0
+    # twice (+10 pt) and a quarter seed 1 twice (-10 pt).
+    correct = {"a": {0: _correct(2000, 1200), 1: _correct(2000, 1000)},
+               "b": {0: _correct(2000, 1000), 1: _correct(2000, 1200)}}
+    seeds, boot = protocol_lib.bootstrap(correct)
+    diff = boot["a"] - boot["b"]
+    assert seeds == [0, 1]
+    assert np.percentile(diff, 2.5) == pytest.approx(-0.10, abs=0.01)
+    assert np.percentile(diff, 97.5) == pytest.approx(0.10, abs=0.01)
+    assert np.mean(np.abs(diff) > 0.08) == pytest.approx(0.5, abs=0.05)
+    with pytest.raises(ValueError, match="seed 0"):
+        protocol_lib.bootstrap({"a": {0: np.ones(10, bool)}, "b": {0: np.ones(12, bool)}})
+
+
+def test_report_pairs_runs_within_each_student_model_with_intervals_and_the_gain_ratio(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(TINY.replace("student: resnet8", "students: [resnet8, resnet14]")
+                    + "  cft: {method: cft, teachers: [rec]}\n")
+    protocol = protocol_lib.load(str(path))
+    jobs = protocol_lib.jobs(protocol, tmp_path / "out", None)
+    n = 1000
+    right = {"resnet8": {"student": 800, "kd": 850, "cft": 900},  # cft/kd gain ratio 2.0
+             "resnet14": {"student": 700, "kd": 800, "cft": 750}}  # 0.5
+    labels = np.arange(n) % 10
+    for job in jobs:
+        if job.kind == "teacher":
+            _fake_run(job.run_dir, "teacher", test_accuracy=0.9, val_accuracy=0.9)
+            continue
+        k = right[job.student][job.run]
+        _fake_run(job.run_dir, "student", val_accuracy=k / n, test_accuracy=k / n)
+        flags = _correct(n, k)
+        np.savez(job.run_dir / "test_predictions.npz", labels=labels, predictions=np.where(flags, labels, labels + 1))
+    results = protocol_lib.report(protocol, tmp_path / "out", jobs, "cmd")
+    runs = results["runs"]
+    assert sorted(runs) == sorted(f"{s}/{r}" for s in right for r in right[s])
+    cft_vs_kd = runs["resnet8/cft"]["vs"]["kd"]
+    assert cft_vs_kd["diff"] == pytest.approx(0.05) and cft_vs_kd["seeds"] == [0]
+    se = np.sqrt(0.05 * 0.95 / n)  # the two runs differ on 5% of the images, all in cft's favour
+    assert cft_vs_kd["ci"] == pytest.approx([0.05 - 1.96 * se, 0.05 + 1.96 * se], abs=0.004)
+    assert runs["resnet14/cft"]["vs"]["kd"]["diff"] == pytest.approx(-0.05)  # paired within resnet14
+    assert runs["resnet14/kd"]["vs"]["cft"]["diff"] == pytest.approx(0.05)
+    assert "kd" not in runs["resnet8/kd"]["vs"]
+    ratios = results["gain_ratio_intervals"]
+    assert ratios["resnet8"]["value"] == pytest.approx(2.0) and ratios["resnet14"]["value"] == pytest.approx(0.5)
+    lo, hi = ratios["resnet8"]["ci"]
+    assert 1.3 < lo < 2.0 < hi < 3.2
+    table = (tmp_path / "out/results.md").read_text()
+    lo, hi = (100 * v for v in cft_vs_kd["ci"])
+    assert f"| resnet8/cft | cft | rec | — | 0 | 90.00 | 90.00 | +10.00 | +5.00 [{lo:+.2f}, {hi:+.2f}] | — |" in table
+    assert "resnet14: cft's gain over the student alone / kd's gain: 0.50x" in table
 
 
 def test_a_run_may_have_seeds_of_its_own_and_the_command_line_wins(tmp_path):
