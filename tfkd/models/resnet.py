@@ -9,7 +9,7 @@ changes (option B), as in RepDistiller, whose parameter counts the tests check.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tfkd.models.common import batch_norm, classifier_head, conv, default_api, finish
 
@@ -35,22 +35,30 @@ def cifar_resnet(depth: int, num_classes: int, widths: Sequence[int] = (16, 16, 
                  name: str | None = None, api: ModuleType | None = None) -> Any:
     """Builds a CIFAR ResNet of ``depth`` = 6n+2 layers; ``widths`` = stem + three stages."""
     api = api or default_api()
+    inputs = api.Input(shape=tuple(input_shape), name="images")
+    return _network(api, inputs, inputs, depth, widths, basic_block, num_classes, sync_bn,
+                    name or f"resnet{depth}")
+
+
+def _network(api: ModuleType, inputs: Any, x: Any, depth: int, widths: Sequence[int],
+             block: Callable[..., Any], num_classes: int, sync_bn: bool, name: str) -> Any:
+    """Stem (conv3x3-BN-ReLU, ``widths[0]`` channels), three stages of (depth - 2) / 6 ``block``s
+    with ``widths[1:]`` channels, the first block of stages 2 and 3 at stride 2, and the head;
+    both shortcut options share it, so their layer names match."""
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-    blocks = (depth - 2) // 6
-    inputs = api.Input(shape=tuple(input_shape), name="images")
-    x = conv(api, widths[0], 3, name="stem_conv")(inputs)
+    x = conv(api, widths[0], 3, name="stem_conv")(x)
     x = batch_norm(api, sync_bn, name="stem_bn")(x)
     x = api.layers.ReLU(name="stem_relu")(x)
     features, preact = [], []
     for stage, filters in enumerate(widths[1:], start=1):
-        for block in range(blocks):
-            stride = 2 if stage > 1 and block == 0 else 1
-            x, pre = basic_block(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
+        for index in range((depth - 2) // 6):
+            stride = 2 if stage > 1 and index == 0 else 1
+            x, pre = block(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{index + 1}")
         features.append(x)
         preact.append(pre)
     logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"resnet{depth}", preact)
+    return finish(api, inputs, features, logits, name, preact)
 
 
 def _conv3x3_torch(api: ModuleType, x: Any, filters: int, stride: int, name: str) -> Any:
@@ -99,23 +107,10 @@ def cifar_resnet_a(depth: int, num_classes: int, input_shape: Sequence[int] = (3
     (``tfkd.models.pytorch``). With ``pixel_normalization`` (per-channel mean, std on the
     [0, 255] scale) the model starts with that normalization and takes pixels."""
     api = api or default_api()
-    if (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-    blocks = (depth - 2) // 6
     inputs = api.Input(shape=tuple(input_shape), name="images")
     x = inputs
     if pixel_normalization is not None:
         mean, std = pixel_normalization
         x = api.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
-    x = conv(api, 16, 3, name="stem_conv")(x)
-    x = batch_norm(api, sync_bn, name="stem_bn")(x)
-    x = api.layers.ReLU(name="stem_relu")(x)
-    features, preact = [], []
-    for stage, filters in enumerate((16, 32, 64), start=1):
-        for block in range(blocks):
-            stride = 2 if stage > 1 and block == 0 else 1
-            x, pre = basic_block_a(api, x, filters, stride, sync_bn, name=f"stage{stage}_block{block + 1}")
-        features.append(x)
-        preact.append(pre)
-    logits = classifier_head(api, x, num_classes)
-    return finish(api, inputs, features, logits, name or f"resnet{depth}a", preact)
+    return _network(api, inputs, x, depth, (16, 16, 32, 64), basic_block_a, num_classes, sync_bn,
+                    name or f"resnet{depth}a")
