@@ -79,9 +79,11 @@ def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
 
 
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
-         extra_callbacks: list[Any], with_index: bool = False) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], Any, float]:
-    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics, meter,
-    the summed seconds of the stage's epochs across resumes).
+         extra_callbacks: list[Any], with_index: bool = False
+         ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], dict[str, float | None]]:
+    """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics,
+    timing): timing is the record's ``train_images_per_second`` and ``epochs_seconds`` (the
+    stage's epochs summed across resumes).
     ``with_index``: training batches carry each example's index in the split (memory banks)."""
     import keras
 
@@ -127,7 +129,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
                          labels=data.test_labels.astype(np.int32))
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
     status.write("save")
-    return history, val, test, meter, clock.total
+    return history, val, test, {"train_images_per_second": meter.images_per_second, "epochs_seconds": clock.total}
 
 
 def _scaled_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int,
@@ -197,7 +199,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     sample = data.spread("test", 10)
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
-    history, val, test, meter, epochs_seconds = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
+    history, val, test, timing = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
     with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         precision.with_policy(teacher).save(tmp)  # float32 whatever it trained in
     _drop_backup(out_dir, name)
@@ -209,8 +211,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "test_accuracy": test.get("accuracy"), "test_psnr": test.get("psnr"),
         "test_loss": test.get("loss"),
         "params": int(backbone.count_params()),
-        "train_images_per_second": meter.images_per_second,
-        "wall_seconds": time.perf_counter() - start, "epochs_seconds": epochs_seconds,
+        "wall_seconds": time.perf_counter() - start, **timing,
     }
 
 
@@ -392,8 +393,8 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller.compile(optimizer=optimizer,  # a term with an optimizer of its own built it
                           backbone_optimizer=_backbone_sgd(scfg, batch, steps_per_epoch) if separate else None)
         distiller.build_all()
-    history, val, test, meter, epochs_seconds = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
-                                     with_index=distiller.needs_index)
+    history, val, test, timing = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
+                                      with_index=distiller.needs_index)
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         precision.with_policy(student).save(tmp)  # float32 whatever it trained in: exports are float32
     _drop_backup(out_dir, "distill")
@@ -405,8 +406,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"), "params": int(student.count_params()),
-        "train_images_per_second": meter.images_per_second, **last,
-        "wall_seconds": time.perf_counter() - start, "epochs_seconds": epochs_seconds,
+        **last, "wall_seconds": time.perf_counter() - start, **timing,
     }
 
 
