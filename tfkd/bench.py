@@ -368,8 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "failed, 130 interrupted (re-run the same command to continue).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("accuracy", help="run an accuracy protocol; cached, resumable")
+    from tfkd.protocol import shipped
+
     p.add_argument("--protocol", default="cifar10-cpu",
-                   help="a shipped protocol (cifar10-cpu, cifar100-full) or a YAML file")
+                   help=f"a shipped protocol ({', '.join(shipped())}) or a YAML file")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR; unset: "
                         "TensorFlow Datasets)")

@@ -114,17 +114,21 @@ def _seeds(value: Any, where: str) -> list[int]:
     return value
 
 
+def shipped() -> list[str]:
+    """The names of the protocols shipped in ``benchmarks/protocols``."""
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+
+
 def resolve(protocol: str) -> Path:
     """A protocol file: ``protocol`` itself if it is a file, else a shipped protocol's name."""
     path = Path(protocol)
     if path.is_file():
         return path
-    shipped = PROTOCOL_DIR / f"{protocol}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = sorted(p.stem for p in PROTOCOL_DIR.glob("*.yaml"))
+    named = PROTOCOL_DIR / f"{protocol}.yaml"
+    if named.is_file():
+        return named
     raise ConfigError(f"protocol {protocol!r}: not a file nor a shipped protocol "
-                      f"({', '.join(names) or 'none found in ' + str(PROTOCOL_DIR)})")
+                      f"({', '.join(shipped()) or 'none found in ' + str(PROTOCOL_DIR)})")
 
 
 def load(protocol: str) -> Protocol:
