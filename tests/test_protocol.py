@@ -68,21 +68,31 @@ def test_shipped_cifar100_protocol_resolves_to_a_valid_run_config(tmp_path):
     assert list(cfg.student.optimizer.milestones) == [150, 180, 210]
 
 
-@pytest.mark.parametrize("name", protocol_lib.shipped())
-def test_every_shipped_protocol_expands_to_valid_run_configs(name, tmp_path):
+def _configs(name: str, tmp_path: Path) -> dict:
+    """Each non-import job of a shipped protocol as its resolved run config, by (run, student, seed)."""
     from tfkd import arguments
 
-    assert len(protocol_lib.shipped()) >= 4
     jobs = protocol_lib.jobs(protocol_lib.load(name), tmp_path, "/data", teachers_dir="/teachers")
-    configs = {(j.run or j.name, j.student, j.seed): arguments.config_from_argv(j.args)
-               for j in jobs if j.kind != "import"}
-    assert configs
-    if name == "cifar10-anchor":  # cft's tuned CE weight reaches its one-part ablations, not the papers' form
-        cft = {run: configs[(run, "resnet8", 0)].distill.cft for run in
-               ("cft", "cft-no-adv", "cft-no-feat", "cft-plain-teacher", "cft-gamma0")}
-        assert [c.ce_weight for c in cft.values()] == [0.1, 0.1, 0.1, 0.1, 1.0]
-        assert (cft["cft-no-adv"].beta, cft["cft-no-feat"].alpha, cft["cft-gamma0"].gamma) == (0.0, 0.0, 0.0)
-        assert cft["cft"].beta == 0.1 and cft["cft"].alpha == 1.0 and cft["cft"].gamma == 0.9
+    return {(j.run or j.name, j.student, j.seed): arguments.config_from_argv(j.args)
+            for j in jobs if j.kind != "import"}
+
+
+@pytest.mark.parametrize("name", protocol_lib.shipped())
+def test_every_shipped_protocol_expands_to_valid_run_configs(name, tmp_path):
+    assert _configs(name, tmp_path)
+
+
+def test_shipped_protocols_are_listed():
+    assert {"cifar10-anchor", "cifar10-cpu", "cifar10-mobile", "cifar100-full"} <= set(protocol_lib.shipped())
+
+
+def test_anchor_protocol_gives_cfts_tuned_ce_weight_to_its_one_part_ablations_only(tmp_path):
+    configs = _configs("cifar10-anchor", tmp_path)
+    cft = {run: configs[(run, "resnet8", 0)].distill.cft for run in
+           ("cft", "cft-no-adv", "cft-no-feat", "cft-plain-teacher", "cft-gamma0")}
+    assert [c.ce_weight for c in cft.values()] == [0.1, 0.1, 0.1, 0.1, 1.0]  # gamma0: the papers' form
+    assert (cft["cft-no-adv"].beta, cft["cft-no-feat"].alpha, cft["cft-gamma0"].gamma) == (0.0, 0.0, 0.0)
+    assert (cft["cft"].beta, cft["cft"].alpha, cft["cft"].gamma) == (0.1, 1.0, 0.9)
 
 
 def test_step_schedule_decays_at_the_milestones():

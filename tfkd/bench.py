@@ -361,6 +361,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     from tfkd import cli
+    from tfkd.protocol import shipped as protocol_names
 
     parser = cli.Parser(prog="python -m tfkd.bench", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -368,10 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "failed, 130 interrupted (re-run the same command to continue).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("accuracy", help="run an accuracy protocol; cached, resumable")
-    from tfkd.protocol import shipped
-
     p.add_argument("--protocol", default="cifar10-cpu",
-                   help=f"a shipped protocol ({', '.join(shipped())}) or a YAML file")
+                   help=f"a shipped protocol ({', '.join(protocol_names())}) or a YAML file")
     p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
                    help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR; unset: "
                         "TensorFlow Datasets)")
