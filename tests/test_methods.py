@@ -58,6 +58,17 @@ def test_dkd_warms_up_linearly_over_its_epochs():
         assert float(term.weight_at(tf.constant(step))) == pytest.approx(expected), step
 
 
+def test_a_warmup_shorter_than_an_epoch_rises_every_step():
+    """Under one epoch, a once-per-epoch rise would be the full weight from the first step."""
+    steps_per_epoch, warmup = 30, 2 / 3  # 20 steps of warm-up
+    term = dkd.DKD(1.0, 8.0, 4.0, warmup_epochs=warmup, steps_per_epoch=steps_per_epoch)
+    steps = np.arange(60)
+    expected = np.minimum((steps + 1) / steps_per_epoch / warmup, 1.0)
+    got = np.array([float(term.weight_at(tf.constant(int(s)))) for s in steps])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got[0] == pytest.approx(1 / 20) and got[18] < 1.0 and got[19] == pytest.approx(1.0)
+
+
 def test_dist_matches_the_authors_formula():
     t, s = arrays((16, 10), (16, 10), seed=1, scale=2.0)
     tau = 4.0

@@ -95,6 +95,13 @@ def test_anchor_protocol_gives_cfts_tuned_ce_weight_to_its_one_part_ablations_on
     assert (cft["cft"].beta, cft["cft"].alpha, cft["cft"].gamma) == (0.1, 1.0, 0.9)
 
 
+def test_anchor_protocol_scales_dkds_warmup_to_its_schedule(tmp_path):
+    """mdistiller's 20 of 240 epochs, at 8 epochs: 2/3 of the first epoch, so it ramps by step."""
+    dkd = _configs("cifar10-anchor", tmp_path)[("dkd", "resnet8", 0)]
+    assert dkd.distill.dkd.warmup_epochs == pytest.approx(20 / 240 * dkd.student.epochs, abs=1e-3)
+    assert dkd.student.epochs == 8
+
+
 def test_step_schedule_decays_at_the_milestones():
     from tfkd import config, pipeline
 

@@ -120,14 +120,21 @@ class Term:
         return {"weight": self.weight, "teacher": self.teacher}
 
 
-def linear_warmup(weight: float, epochs: int, steps_per_epoch: int, step: Any) -> Any:
-    """``weight * min(epoch / epochs, 1)`` with epochs counted from 1, as mdistiller's DKD and
-    ReviewKD warm up (``epochs`` 0: the full weight from the start)."""
+def linear_warmup(weight: float, epochs: float, steps_per_epoch: int, step: Any) -> Any:
+    """``weight * min(e / epochs, 1)`` at the 0-based training ``step``.
+
+    ``e`` is the 1-based epoch, so the weight rises once per epoch, as mdistiller's DKD and
+    ReviewKD warm up. A warm-up shorter than one epoch (``0 < epochs < 1``) rises every step
+    instead, ``e = (step + 1) / steps_per_epoch``: once per epoch would be the full weight from
+    the first step. ``epochs`` 0: the full weight from the start.
+    """
     if epochs <= 0:
         return weight
     from keras import ops
 
-    epoch = ops.floor(ops.cast(step, "float32") / float(max(steps_per_epoch, 1))) + 1.0
+    steps = float(max(steps_per_epoch, 1))
+    step = ops.cast(step, "float32")
+    epoch = (step + 1.0) / steps if epochs < 1 else ops.floor(step / steps) + 1.0
     return weight * ops.minimum(epoch / float(epochs), 1.0)
 
 

@@ -4,7 +4,8 @@
 TCKD is the binary KL between teacher and student of (target class, all other classes), NCKD the
 KL among the non-target classes only (the target masked out), both at temperature T and times
 T^2. CIFAR defaults: alpha 1, beta 8, T 4, a linear warm-up over the first 20 epochs (epoch e
-weighs min(e / 20, 1), epochs counted from 1).
+weighs min(e / 20, 1), epochs counted from 1; a warm-up under one epoch rises every step, see
+``tfkd.distill.terms.linear_warmup``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Options:
     alpha: float = option(1.0, "weight of the target-class term TCKD", **non_negative())
     beta: float = option(8.0, "weight of the non-target-class term NCKD", **non_negative())
     temperature: float = option(4.0, "temperature T", **positive())
-    warmup_epochs: int = option(20, "epochs of linear warm-up of the DKD term (0: none)", **non_negative())
+    warmup_epochs: float = option(20.0, "epochs of linear warm-up of the DKD term, rising once per epoch "
+                                  "(under 1: every step; 0: none)", **non_negative())
     ce_weight: float = option(1.0, "cross-entropy weight", **non_negative())
 
 
@@ -53,11 +55,11 @@ class DKD(LogitTerm):
 
     name = "dkd"
 
-    def __init__(self, alpha: float, beta: float, temperature: float, warmup_epochs: int,
+    def __init__(self, alpha: float, beta: float, temperature: float, warmup_epochs: float,
                  steps_per_epoch: int, teacher: str = "teacher") -> None:
         super().__init__(1.0, teacher, temperature)
         self.alpha, self.beta = float(alpha), float(beta)
-        self.warmup_epochs, self.steps_per_epoch = int(warmup_epochs), int(steps_per_epoch)
+        self.warmup_epochs, self.steps_per_epoch = float(warmup_epochs), int(steps_per_epoch)
 
     def compute(self, batch: Any) -> Any:
         t, s = self.logits(batch)

@@ -28,7 +28,8 @@ class Options:
     """``distill.reviewkd.*``"""
 
     weight: float = option(5.0, "weight of the review term (mdistiller's CIFAR REVIEWKD_WEIGHT)", **non_negative())
-    warmup_epochs: int = option(20, "epochs of linear warm-up (0: none)", **non_negative())
+    warmup_epochs: float = option(20.0, "epochs of linear warm-up, rising once per epoch (under 1: "
+                                  "every step; 0: none)", **non_negative())
     ce_weight: float = option(1.0, "cross-entropy weight", **non_negative())
     max_mid_channels: int = option(512, "largest width of the fusion modules", lambda v: v >= 1, ">= 1")
 
@@ -84,10 +85,10 @@ class Review(Term):
 
     name = slot = "review"
 
-    def __init__(self, weight: float, warmup_epochs: int, steps_per_epoch: int, max_mid: int,
+    def __init__(self, weight: float, warmup_epochs: float, steps_per_epoch: int, max_mid: int,
                  teacher: str = "teacher") -> None:
         super().__init__(weight, teacher)
-        self.warmup_epochs, self.steps_per_epoch, self.max_mid = int(warmup_epochs), int(steps_per_epoch), int(max_mid)
+        self.warmup_epochs, self.steps_per_epoch, self.max_mid = float(warmup_epochs), int(steps_per_epoch), int(max_mid)
 
     def build(self, ctx: Any) -> None:
         teacher = ctx.teacher(self.teacher)
