@@ -146,6 +146,58 @@ def _fake_run(run_dir: Path, kind: str, **metrics) -> None:
     (run_dir / "metrics.json").write_text(json.dumps({"stages": {stage: metrics}}))
 
 
+def _timed_launch(log, fail=()):
+    """A stand-in for a run's process: sleeps, records its start and end, writes its result."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+
+    def launch(job):
+        with lock:
+            log.append(("start", job.name, time.monotonic()))
+        if job.name in fail:  # at once, while the other job still runs
+            raise protocol_lib.TrainingError(f"{job.name} failed")
+        time.sleep(0.15)
+        with lock:
+            log.append(("end", job.name, time.monotonic()))
+        _fake_run(job.run_dir, job.kind, test_accuracy=0.5)
+    return launch
+
+
+def _dag(tmp_path):
+    def job(name, kind, *needs):
+        return protocol_lib.Job(kind, name, 0, tmp_path / name, [], needs=tuple(tmp_path / n for n in needs))
+    return [job("plain", "teacher"), job("rec", "teacher", "plain"), job("cft", "student", "rec"),
+            job("kd", "student", "plain"), job("alone", "student"), job("kd2", "student", "plain")]
+
+
+def test_parallel_runs_start_once_their_teachers_end_and_never_exceed_the_limit(tmp_path):
+    log = []
+    protocol_lib.execute(_dag(tmp_path), _timed_launch(log), parallel=2)
+    start = {name: t for kind, name, t in log if kind == "start"}
+    end = {name: t for kind, name, t in log if kind == "end"}
+    assert set(end) == {"plain", "rec", "cft", "kd", "alone", "kd2"}
+    for name, needs in (("rec", "plain"), ("cft", "rec"), ("kd", "plain"), ("kd2", "plain")):
+        assert start[name] >= end[needs], name
+    running, peak = 0, 0
+    for kind, _, _ in sorted(log, key=lambda e: (e[2], e[0] == "start")):
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 2
+    first_two = sorted((t, name) for kind, name, t in log if kind == "start")[:2]
+    assert {name for _, name in first_two} == {"plain", "alone"}  # the ready ones, in order
+
+
+def test_after_a_parallel_failure_the_running_jobs_finish_and_no_new_one_starts(tmp_path):
+    log = []
+    with pytest.raises(protocol_lib.TrainingError, match="alone failed"):
+        protocol_lib.execute(_dag(tmp_path), _timed_launch(log, fail=("alone",)), parallel=2)
+    started = {name for kind, name, _ in log if kind == "start"}
+    assert started == {"plain", "alone"}  # rec could start after plain, but alone had failed
+    assert (tmp_path / "plain" / "metrics.json").is_file()
+
+
 def test_report_means_stds_and_gains_over_the_student(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1]"))
@@ -390,16 +442,17 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     out = tmp_path / "out"
-    first = _bench(["--protocol", str(path), "--out", str(out)], tmp_path)
+    first = _bench(["--protocol", str(path), "--out", str(out), "--jobs", "2"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "0 of 3 runs cached" in first.stdout
+    assert "0 of 3 runs cached" in first.stdout and "2 at a time" in first.stdout
+    assert "tfkd: done:" in (out / "logs" / "kd-seed0.log").read_text()  # side by side: a log each
     results = json.loads((out / "results.json").read_text())
     for name in ("student", "kd"):
         metrics = json.loads((out / "runs" / name / "seed0" / "metrics.json").read_text())
         assert results["runs"][name]["seeds"]["0"]["test_accuracy"] == metrics["test_accuracy"]
         assert 0.0 < metrics["test_accuracy"] <= 1.0
     student_test = results["runs"]["student"]["test"]["mean"]
-    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out}"
+    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out} --jobs 2"
     assert results["machine"]["cpu_count"] == os.cpu_count() and results["complete"]
     # An interrupted protocol: the kd run lost its result; only it runs again.
     (out / "runs/kd/seed0/metrics.json").unlink()

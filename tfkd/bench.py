@@ -352,7 +352,8 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     if args.report_only:
         results = protocol_lib.report(protocol, out, report_jobs, command)
     else:
-        results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=report_jobs)
+        results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=report_jobs,
+                                            parallel=args.jobs)
     print(protocol_lib.markdown(results))
     print(f"tfkd.bench: wrote {out / 'results.json'}, results.md, results.png")
     return results
@@ -388,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="tuning: never evaluate on the test split")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the finished runs, train nothing")
+    p.add_argument("--jobs", type=cli.positive_int, default=1, metavar="N",
+                   help="runs side by side (a student starts once its teachers are done); each "
+                        "gets cores/N TensorFlow threads and writes its output to OUT/logs/")
     p = sub.add_parser("pipeline", help="input pipeline vs a training step, images/s; peak memory")
     p.add_argument("--dataset", default="digits", help="dataset (as for tfkd.train: cifar10, digits, "
                                                       "folder:PATH, tfds:NAME)")

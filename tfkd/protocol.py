@@ -251,6 +251,12 @@ class Job:
     args: list[str]
     run: str = ""  # a student job's protocol run
     student: str = ""  # a student job's model
+    needs: tuple[Path, ...] = ()  # run folders of the teachers this job reads
+
+    @property
+    def label(self) -> str:
+        """``NAME seed N``, as progress lines name the job."""
+        return f"{self.kind} {self.name} seed {self.seed}"
 
     @property
     def stage(self) -> str:
@@ -363,7 +369,8 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
         result.append(Job("teacher", name, teacher_seed, run_dir, [
             "--stage", "teacher", "--method", "cft", *model, "--seed", str(teacher_seed),
             "--run-dir", str(run_dir), *common, *own_epochs, *start,
-            *_set_flags(protocol.set, "teacher"), *_set_flags(teacher.set), *extra["teacher"]]))
+            *_set_flags(protocol.set, "teacher"), *_set_flags(teacher.set), *extra["teacher"]],
+            needs=(teacher_file(out, teacher.init_from).parent,) if teacher.init_from else ()))
     for run in selected:
         for student in run.students or protocol.students:
             entry = protocol.entry(run.name, student)
@@ -374,36 +381,115 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
                     "--stage", "distill", "--method", run.method, "--student-model", student,
                     *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common, *tuning,
                     *_set_flags(protocol.set, "student"), *_set_flags(run.set), *extra["student"]],
-                    run=run.name, student=student))
+                    run=run.name, student=student,
+                    needs=tuple(teacher_file(out, t).parent for t in run.teachers)))
     return result
 
 
-def _launch(job: Job) -> None:
+def _launch(job: Job, log: Path | None = None, threads: int | None = None) -> None:
+    """Runs ``job`` as its own process; its output goes to ``log`` when given (runs side by
+    side), else to this process's. ``threads``: TensorFlow's intra-op thread count (unless the
+    environment sets one)."""
     command = [sys.executable, "-m", job.module, *job.args]
-    print(f"tfkd.bench: {job.kind} {job.name} seed {job.seed}: {' '.join(command[1:])}", flush=True)
-    status = subprocess.run(command).returncode
+    print(f"tfkd.bench: {job.label}: {' '.join(command[1:])}"
+          + (f" (output: {log})" if log else ""), flush=True)
+    env = dict(os.environ)
+    if threads:
+        env.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        env.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    if log is None:
+        status = subprocess.run(command, env=env).returncode
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as stream:
+            status = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
     if status != 0:
+        where = f"{log} and {job.run_dir}" if log else str(job.run_dir)
         raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) failed with exit code "
-                            f"{status}; see {job.run_dir}; re-run the same command to continue")
+                            f"{status}; see {where}; re-run the same command to continue")
+
+
+def _check_done(job: Job) -> None:
+    if not job.done():
+        raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "
+                            f"results in {job.run_dir}/metrics.json")
+
+
+def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1,
+            progress: Callable[[], None] = lambda: None) -> None:
+    """Runs ``pending`` in order, up to ``parallel`` at a time: a job starts once the teachers it
+    reads (``Job.needs``) are finished, the first ready job first. After a failure no new job
+    starts; the ones running finish, then the first error is raised. ``progress`` is called as
+    each job ends."""
+    if parallel <= 1:
+        for job in pending:
+            launch(job)
+            _check_done(job)
+            print(f"tfkd.bench: done: {job.label}", flush=True)
+            progress()
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    waiting, running, finished = list(pending), {}, set()
+    unfinished = {job.run_dir for job in pending}
+    error: BaseException | None = None
+
+    def ready(job: Job) -> bool:
+        return all(need in finished or need not in unfinished for need in job.needs)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        while running or (waiting and error is None):
+            while error is None and len(running) < parallel:
+                job = next((j for j in waiting if ready(j)), None)
+                if job is None:
+                    break
+                waiting.remove(job)
+                running[pool.submit(launch, job)] = job
+            if not running:  # nothing can start: a job needs a teacher that is not in the list
+                raise TrainingError(f"{waiting[0].label} needs {waiting[0].needs}, which no job makes")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                job = running.pop(future)
+                try:
+                    future.result()
+                    _check_done(job)
+                except BaseException as caught:  # noqa: BLE001 - re-raised once the others end
+                    error = error or caught
+                    continue
+                finished.add(job.run_dir)
+                print(f"tfkd.bench: done: {job.label}", flush=True)
+                progress()
+    if error is not None:
+        raise error
 
 
 def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: str,
-                 launch: Callable[[Job], None] = _launch,
-                 report_jobs: list[Job] | None = None) -> dict[str, Any]:
-    """Runs every unfinished job in turn (finished ones are cached), then writes the report of
-    ``report_jobs`` (default: the jobs run; pass the whole protocol's so that running a subset
-    with ``--only`` still reports every finished run)."""
+                 launch: Callable[[Job], None] | None = None,
+                 report_jobs: list[Job] | None = None, parallel: int = 1) -> dict[str, Any]:
+    """Runs every unfinished job (finished ones are cached), ``parallel`` at a time, then writes
+    the report of ``report_jobs`` (default: the jobs run; pass the whole protocol's so that
+    running a subset with ``--only`` still reports every finished run). Side by side, each run
+    gets an equal share of the cores as TensorFlow threads and writes its output to
+    ``OUT/logs/``."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     pending = [job for job in job_list if not job.done()]
     print(f"tfkd.bench: {protocol.name}: {len(job_list) - len(pending)} of {len(job_list)} runs "
-          f"cached in {out / 'runs'}, {len(pending)} to run", flush=True)
-    for job in tqdm(pending, desc=protocol.name, unit="run", disable=not pending):
-        launch(job)
-        if not job.done():
-            raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "
-                                f"results in {job.run_dir}/metrics.json")
+          f"cached in {out / 'runs'}, {len(pending)} to run"
+          + (f", {parallel} at a time (output in {out / 'logs'})" if parallel > 1 and pending else ""),
+          flush=True)
+    if launch is None:
+        if parallel > 1:
+            threads = max(1, (os.cpu_count() or 1) // parallel)
+
+            def launch(job: Job) -> None:
+                log = out / "logs" / f"{job.name.replace('/', '-')}-seed{job.seed}.log"
+                _launch(job, log, threads)
+        else:
+            launch = _launch
+    with tqdm(total=len(pending), desc=protocol.name, unit="run", disable=not pending) as bar:
+        execute(pending, launch, parallel, progress=lambda: bar.update(1))
     return report(protocol, out, report_jobs or job_list, command)
 
 
