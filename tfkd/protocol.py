@@ -445,8 +445,9 @@ def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1
                     break
                 waiting.remove(job)
                 running[pool.submit(launch, job)] = job
-            if not running:  # nothing can start: a job needs a teacher that is not in the list
-                raise TrainingError(f"{waiting[0].label} needs {waiting[0].needs}, which no job makes")
+            if not running:  # only if jobs wait on each other (no protocol makes such a cycle)
+                raise TrainingError(f"{waiting[0].label} waits for teachers that wait for it: "
+                                    f"{', '.join(map(str, waiting[0].needs))}")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)
