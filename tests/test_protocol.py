@@ -139,11 +139,14 @@ def test_unknown_protocol_name_lists_the_shipped_ones():
         protocol_lib.load("cifar11")
 
 
-def _fake_run(run_dir: Path, kind: str, **metrics) -> None:
+def _fake_run(run_dir: Path, kind: str, commit: str | None = None, **metrics) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / ("teacher.keras" if kind == "teacher" else "student.keras")).write_bytes(b"x")
     stage = "teacher" if kind == "teacher" else "distill"
     (run_dir / "metrics.json").write_text(json.dumps({"stages": {stage: metrics}}))
+    if commit:  # the run.json record of the code that made it (no settings: none compared)
+        (run_dir / "run.json").write_text(json.dumps(
+            {"format": 1, "stages": {stage: {"status": "done", "settings": {}, "commit": commit}}}))
 
 
 def _timed_launch(log, fail=()):
@@ -203,10 +206,11 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     path.write_text(TINY.replace("seeds: [0]", "seeds: [0, 1]"))
     protocol = protocol_lib.load(str(path))
     jobs = protocol_lib.jobs(protocol, tmp_path / "out", None)
-    _fake_run(jobs[0].run_dir, "teacher", test_accuracy=0.9, val_accuracy=0.89, test_psnr=20.0,
+    _fake_run(jobs[0].run_dir, "teacher", "a" * 40, test_accuracy=0.9, val_accuracy=0.89, test_psnr=20.0,
               model="resnet8", lambda_cls=1.0, lambda_rec=1.0, wall_seconds=3600.0)
-    for job, (val, test) in zip(jobs[1:], [(0.70, 0.80), (0.72, 0.82), (0.75, 0.83), (0.77, 0.87)]):
-        _fake_run(job.run_dir, "student", val_accuracy=val, test_accuracy=test, wall_seconds=5.0,
+    for job, (val, test), commit in zip(jobs[1:], [(0.70, 0.80), (0.72, 0.82), (0.75, 0.83), (0.77, 0.87)],
+                                        ["b" * 40, "b" * 40, None, "b" * 40]):
+        _fake_run(job.run_dir, "student", commit, val_accuracy=val, test_accuracy=test, wall_seconds=5.0,
                   epochs_seconds=1800.0)
     results = protocol_lib.report(protocol, tmp_path / "out", jobs, "cmd")
     student, kd = results["runs"]["student"], results["runs"]["kd"]
@@ -219,8 +223,33 @@ def test_report_means_stds_and_gains_over_the_student(tmp_path):
     assert results["run_seconds"] == pytest.approx(3600 + 4 * 1800)  # epochs_seconds, else wall_seconds
     table = (tmp_path / "out/results.md").read_text()
     assert "Run time: 3.0 h" in table
+    assert results["run_commits"] == {"a" * 40: 1, "b" * 40: 3, "unrecorded": 1}
+    assert "Runs made by: `bbbbbbbbbb` (3 runs), `aaaaaaaaaa` (1 run), an unrecorded commit (1 run)" in table
     assert "| kd | kd | rec | — | 0, 1 | 76.00 ± 1.41 | 85.00 ± 2.83 | +4.00 |" in table
     assert (tmp_path / "out/results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_know_their_commit_in_a_checkout_and_in_a_git_archive_copy(tmp_path):
+    """A protocol run from an exported copy (``git archive``, no .git) still records its commit."""
+    import tarfile
+
+    from tfkd import rundir
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    head = head.stdout.strip()
+    assert rundir.code_commit() == head
+    subprocess.run(["git", "archive", "-o", str(tmp_path / "copy.tar"), "HEAD", "tfkd"], cwd=REPO, check=True)
+    with tarfile.open(tmp_path / "copy.tar") as tar:
+        tar.extractall(tmp_path / "copy", filter="data")
+    printed = subprocess.run([sys.executable, "-c", "from tfkd.rundir import code_commit; print(code_commit())"],
+                             cwd=tmp_path / "copy", capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == head
+    (tmp_path / "copy" / "tfkd" / "COMMIT").write_text("$Format:%H$\n")  # a copy not from git archive
+    printed = subprocess.run([sys.executable, "-c", "from tfkd.rundir import code_commit; print(code_commit())"],
+                             cwd=tmp_path / "copy", capture_output=True, text=True, check=True).stdout
+    assert printed.strip() == "None"
 
 
 def test_report_names_the_seeds_a_partial_row_comes_from(tmp_path):

@@ -508,19 +508,12 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
-def git_commit() -> str | None:
-    """The checked-out commit of tfkd's repository, or None outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def provenance(command: str) -> dict[str, Any]:
     """What a committed benchmark result records beside its figures: the command that produced
     it, the git commit, the date (UTC) and the machine."""
-    return {"command": command, "git_commit": git_commit(),
+    from tfkd.rundir import code_commit
+
+    return {"command": command, "git_commit": code_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine()}
 
@@ -638,6 +631,8 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
                 "model", "lambda_cls", "lambda_rec", "init_from", "init_test_accuracy", "val_accuracy",
                 "test_accuracy", "test_psnr", "params", "train_images_per_second", "wall_seconds",
                 "epochs_seconds")}
+            teachers[job.name]["finished"] = finished[id(job)]
+            teachers[job.name]["commit"] = _run_commit(job) if finished[id(job)] else None
             teachers[job.name]["kind"] = "imported" if job.kind == "import" else (
                 "fine-tuned" if protocol.teachers[job.name].init_from else "trained")
             if job.kind == "teacher" and protocol.teachers[job.name].init_from:
@@ -649,7 +644,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
             "set": run.set, "ablation": run.ablation, "description": run.description, "seeds": {}})
         entry["seeds"][str(job.seed)] = {"finished": finished[id(job)], **{key: result.get(key) for key in (
             "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds",
-            "epochs_seconds")}}
+            "epochs_seconds")}, "commit": _run_commit(job) if finished[id(job)] else None}
         flags = _predictions(job.run_dir) if finished[id(job)] else None
         if flags is not None:
             correct.setdefault(job.name, {})[job.seed] = flags
@@ -675,6 +670,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
         "complete": all(finished.values()),
         "teachers": teachers, "runs": runs,
         "run_seconds": _run_seconds(teachers, runs),
+        "run_commits": _run_commits(teachers, runs),
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
         "gain_ratio_intervals": ratios,
         "interval_method": f"95% percentile interval of a two-level paired bootstrap ({RESAMPLES} "
@@ -685,6 +681,26 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
     io.write_text(out / "results.md", markdown(results))
     plot(results, out / "results.png")
     return results
+
+
+def _run_commit(job: Job) -> str | None:
+    """The commit of the code that made a finished run (its ``run.json`` record; an imported
+    teacher's record has none)."""
+    from tfkd import rundir
+
+    return rundir.load_records(job.run_dir).get(job.stage, {}).get("commit") if job.kind != "import" else None
+
+
+def _run_commits(teachers: dict[str, Any], runs: dict[str, Any]) -> dict[str, int]:
+    """How many finished teacher and student runs each commit made (``unrecorded``: runs made
+    before records named it, or by a copy that does not know its commit)."""
+    counts: dict[str, int] = {}
+    records = [t for t in teachers.values() if t["kind"] != "imported" and t["finished"]]
+    records += [s for r in runs.values() for s in r["seeds"].values() if s["finished"]]
+    for record in records:
+        key = record.get("commit") or "unrecorded"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _run_seconds(teachers: dict[str, Any], runs: dict[str, Any]) -> float:
@@ -782,8 +798,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"Run time: {results['run_seconds'] / 3600:.1f} h, the finished runs' times summed "
                   "(each run's epochs across resumes; a run that did not record them: its last "
                   "process's wall time; on a shared machine a run takes longer than alone)", ""]
+    made = results.get("run_commits") or {}
+    if made:
+        lines += ["Runs made by: " + ", ".join(
+            f"{'`' + c[:10] + '`' if c != 'unrecorded' else 'an unrecorded commit'} ({n} run{'s' * (n != 1)})"
+            for c, n in sorted(made.items(), key=lambda item: -item[1])), ""]
     lines += [f"Command: `{results['command']}`  ",
-              f"Commit: `{results['git_commit']}`, date {results['date']}  ",
+              f"Report commit: `{results['git_commit']}`, date {results['date']}  ",
               f"Machine: {machine['cpu_count']} cores, {machine['cpu_model']}, "
               f"Python {machine['python']}", ""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@
   they differ (``--retrain`` retrains that stage instead); ``tfkd.bench`` decides whether a cached
   run is still valid with the same comparison.
 - ``dataset.json`` says which dataset the folder holds; a run on another dataset is refused.
+- Each stage's record also names the commit of the code that made it (``code_commit``).
 
 Nothing here imports TensorFlow.
 """
@@ -205,13 +206,39 @@ def load_records(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
                           "run folder or choose another --run-dir") from None
 
 
+#: Written by ``git archive`` (the ``export-subst`` attribute in .gitattributes): the commit of an
+#: exported copy of the repository, which has no .git of its own.
+_ARCHIVED_COMMIT = Path(__file__).with_name("COMMIT")
+
+
+def code_commit() -> str | None:
+    """The commit of the tfkd code running: the git checkout it sits in, or, for a copy exported
+    with ``git archive``, the commit recorded in ``tfkd/COMMIT``; None if neither says."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        top, head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                                   text=True, cwd=root, check=True).stdout.split()
+        if Path(top).resolve() == root:
+            return head
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    try:
+        text = _ARCHIVED_COMMIT.read_text().strip()
+    except OSError:
+        return None
+    return text if len(text) == 40 and all(c in "0123456789abcdef" for c in text) else None
+
+
 def write_record(run_dir: str | os.PathLike, stage: str, settings: dict[str, Any], status: str,
                  artifact: str | None = None) -> None:
     """Records ``stage``'s settings and status (``training`` or ``done``) in ``run.json``."""
     from tfkd import io
 
     records = load_records(run_dir)
-    records[stage] = {"status": status, "artifact": artifact, "settings": settings, "time": time.time()}
+    records[stage] = {"status": status, "artifact": artifact, "settings": settings, "time": time.time(),
+                      "commit": code_commit()}
     io.write_json(Path(run_dir) / RECORD, {"format": 1, "stages": records})
 
 
