@@ -219,7 +219,7 @@ def code_commit() -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
         top, head = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                                   text=True, cwd=root, check=True).stdout.split()
+                                   text=True, cwd=root, check=True).stdout.splitlines()
         if Path(top).resolve() == root:
             return head
     except (OSError, subprocess.CalledProcessError, ValueError):
