@@ -387,3 +387,20 @@ def test_an_interrupt_swallowed_on_its_way_up_still_exits_130_and_publishes_noth
     assert not out.exists() and (staged / "model.tflite").read_bytes() == b"new"
     assert cli.run(lambda: (cli._RECEIVED.append(signal.SIGTERM), 0)[1]) == 130
     assert cli.run(lambda: 0) == 0  # a new command starts with no interrupt on record
+
+
+def test_taking_a_run_folders_lock_removes_what_a_killed_process_half_wrote(tmp_path):
+    """A SIGKILL during an atomic write leaves ``.tmp-<pid>-NAME``; the next run clears it."""
+    from tfkd import rundir
+
+    (tmp_path / ".tmp-7695-status.json").write_text("{")
+    (tmp_path / "backup" / ".tmp-12-student.keras").mkdir(parents=True)
+    (tmp_path / "backup" / ".tmp-12-student.keras" / "part").write_text("x")
+    (tmp_path / ".tmp-notes.txt").write_text("the user's")  # not tfkd's pattern: kept
+    lock = rundir.RunLock(tmp_path).acquire()
+    try:
+        left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob(".tmp-*"))
+        assert left == [".tmp-notes.txt"]
+        assert (tmp_path / "backup").is_dir()
+    finally:
+        lock.release()

@@ -125,8 +125,23 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self._remove_stale_temporaries()
             return self
         raise ConfigError(f"{self.path}: could not take the lock of this run folder")
+
+    def _remove_stale_temporaries(self) -> None:
+        """Removes the half-written files (``tfkd.io.atomic_path``'s ``.tmp-<pid>-NAME``) that a
+        killed process left here: with the lock taken, no other process is writing them."""
+        import re
+        import shutil
+
+        for path in sorted(self.folder.rglob(".tmp-*"), reverse=True):
+            if not re.match(r"\.tmp-\d+-.", path.name) or not path.exists():
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def release(self) -> None:
         """Removes the lock if this process still owns it."""
