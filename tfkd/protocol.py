@@ -255,7 +255,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        """``NAME seed N``, as progress lines name the job."""
+        """``KIND NAME seed N``, as progress lines name the job."""
         return f"{self.kind} {self.name} seed {self.seed}"
 
     @property
@@ -405,14 +405,13 @@ def _launch(job: Job, log: Path | None = None, threads: int | None = None) -> No
             status = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT).returncode
     if status != 0:
         where = f"{log} and {job.run_dir}" if log else str(job.run_dir)
-        raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) failed with exit code "
-                            f"{status}; see {where}; re-run the same command to continue")
+        raise TrainingError(f"{job.label} failed with exit code {status}; see {where}; re-run the "
+                            "same command to continue")
 
 
 def _check_done(job: Job) -> None:
     if not job.done():
-        raise TrainingError(f"{job.kind} run {job.name} (seed {job.seed}) ended without "
-                            f"results in {job.run_dir}/metrics.json")
+        raise TrainingError(f"{job.label} ended without results in {job.run_dir}/metrics.json")
 
 
 def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1,
@@ -421,13 +420,6 @@ def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1
     reads (``Job.needs``) are finished, the first ready job first. After a failure no new job
     starts; the ones running finish, then the first error is raised. ``progress`` is called as
     each job ends."""
-    if parallel <= 1:
-        for job in pending:
-            launch(job)
-            _check_done(job)
-            print(f"tfkd.bench: done: {job.label}", flush=True)
-            progress()
-        return
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     waiting, running, finished = list(pending), {}, set()
@@ -437,6 +429,7 @@ def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1
     def ready(job: Job) -> bool:
         return all(need in finished or need not in unfinished for need in job.needs)
 
+    parallel = max(parallel, 1)
     with ThreadPoolExecutor(parallel) as pool:
         while running or (waiting and error is None):
             while error is None and len(running) < parallel:
