@@ -195,6 +195,17 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(**config)
 
 
+def skip_epochs(dataset: Any, epochs: int) -> None:
+    """Makes and drops the iterators ``fit`` makes over ``dataset`` in ``epochs`` epochs, so its
+    reshuffling continues where an uninterrupted run's would be. Keras 3.15's epoch iterator
+    makes one at an epoch's start and, when the dataset's length is known, one more as its
+    batches run out (``TFEpochIterator``; the resume test in ``test_reliability`` fails if that
+    changes). Making an iterator reads no element."""
+    known = int(dataset.cardinality()) >= 0
+    for _ in range((2 if known else 1) * epochs):
+        iter(dataset)
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """``keras.callbacks.BackupAndRestore`` whose backup files are written atomically.
 
@@ -208,11 +219,25 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     writes. Multi-worker tasks other than the chief write to scratch folders of their own but
     resume from the chief's backup, so every worker starts at the same epoch with the same
     weights even when one of them was killed between the last step of an epoch and its backup.
+
+    ``train_data``: the ``tf.data.Dataset`` given to ``fit``. A dataset that reshuffles on each
+    iteration draws each new iterator's order from a seed generator that lives in the dataset,
+    so a run resumed at epoch k would start again from the first epoch's order. On resume it is
+    advanced past the iterators the first k epochs made (``skip_epochs``): a resumed run sees
+    the batches the uninterrupted one saw, and ends with the same weights.
     """
 
-    def __init__(self, backup_dir: str, *args: Any, restore_from: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, backup_dir: str, *args: Any, restore_from: str | None = None,
+                 train_data: Any = None, **kwargs: Any) -> None:
         super().__init__(backup_dir, *args, **kwargs)
         self._restore_from = restore_from
+        self._train_data = train_data
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        resumed_at = getattr(self.model, "_initial_epoch", None) or 0
+        if self._train_data is not None and resumed_at:
+            skip_epochs(self._train_data, resumed_at)
 
     def _load_model(self) -> None:
         if self._restore_from is None:

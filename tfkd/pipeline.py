@@ -105,7 +105,8 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
         # and its own backup would otherwise restart an epoch behind the others.
         callbacks.AtomicBackupAndRestore(
             str(own_backup), delete_checkpoint=False,
-            restore_from=None if own_backup.resolve() == chief_backup.resolve() else str(chief_backup)),
+            restore_from=None if own_backup.resolve() == chief_backup.resolve() else str(chief_backup),
+            train_data=train_ds),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
