@@ -69,8 +69,8 @@ def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_backup(tmp_path)
 
 @pytest.mark.parametrize("length", ["known", "unknown"])
 def test_a_resumed_fit_sees_the_uninterrupted_fits_batches(tmp_path, length):
-    """fit for 3 epochs, against fit for 2 then a new process's fit resumed from the backup:
-    the same weights to the bit, with a reshuffling dataset of known or unknown length (Keras
+    """fit for 3 epochs, against fit for 2 and then a new model and dataset (as a new process
+    makes them) resumed from that backup: the same weights to the bit, with a reshuffling dataset of known or unknown length (Keras
     makes two iterators an epoch over the first and one over the second: skip_epochs)."""
     x = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
@@ -83,7 +83,7 @@ def test_a_resumed_fit_sees_the_uninterrupted_fits_batches(tmp_path, length):
         assert (int(ds.cardinality()) >= 0) == (length == "known")
         return ds
 
-    def fit(epochs, backup, previous=None):
+    def fit(epochs, backup):
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
                                   keras.layers.Dense(2)])
