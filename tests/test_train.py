@@ -251,13 +251,14 @@ def test_multiworker_distillation_on_two_local_workers(tmp_path):
 def test_multiworker_training_survives_a_killed_worker(tmp_path):
     """Two workers; worker 1 is SIGKILLed mid-training; the survivor fails (its collectives lose
     their peer) or is stopped; both restart with the same command and finish from the last
-    backup (TensorFlow's BackupAndRestore fault tolerance)."""
+    backup (TensorFlow's BackupAndRestore fault tolerance), with the teacher an uninterrupted
+    pair of workers makes, to the bit (the input order is replayed: callbacks.skip_epochs)."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
     run_dir = tmp_path / "mw"
-    args = [sys.executable, "-m", "tfkd.train", "--strategy", "multiworker", "--stage", "teacher",
-            "--run-dir", str(run_dir), "--epochs", "6", *FAST]
 
-    def start(index):
+    def start(index, folder=run_dir):
+        args = [sys.executable, "-m", "tfkd.train", "--strategy", "multiworker", "--stage", "teacher",
+                "--run-dir", str(folder), "--epochs", "6", *FAST]
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -292,7 +293,14 @@ def test_multiworker_training_survives_a_killed_worker(tmp_path):
     with open(run_dir / "teacher_log.csv") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs[-1] == 5 and sorted(set(epochs)) == list(range(6))
-    assert keras.saving.load_model(run_dir / "teacher.keras") is not None
+    resumed = keras.saving.load_model(run_dir / "teacher.keras")
+    procs = [start(0, tmp_path / "uninterrupted"), start(1, tmp_path / "uninterrupted")]
+    for proc, (out, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+        assert proc.returncode == 0, err[-2000:]
+    reference = keras.saving.load_model(tmp_path / "uninterrupted" / "teacher.keras")
+    different = [w.path for w, r in zip(resumed.weights, reference.weights)
+                 if not np.array_equal(np.asarray(w), np.asarray(r))]
+    assert not different, (backed_up, different[:5])
 
 
 def test_every_distill_option_reaches_the_distiller():
