@@ -70,8 +70,9 @@ def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_backup(tmp_path)
 @pytest.mark.parametrize("length", ["known", "unknown"])
 def test_a_resumed_fit_sees_the_uninterrupted_fits_batches(tmp_path, length):
     """fit for 3 epochs, against fit for 2 and then a new model and dataset (as a new process
-    makes them) resumed from that backup: the same weights to the bit, with a reshuffling dataset of known or unknown length (Keras
-    makes two iterators an epoch over the first and one over the second: skip_epochs)."""
+    makes them) resumed from that backup: the same weights to the bit, with a reshuffling
+    dataset of known or unknown length (Keras makes two iterators an epoch over the first and
+    one over the second: skip_epochs)."""
     x = np.random.default_rng(0).normal(size=(48, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
 
@@ -100,7 +101,7 @@ def test_a_resumed_fit_sees_the_uninterrupted_fits_batches(tmp_path, length):
     assert json.loads((tmp_path / "b" / "training_metadata.json").read_text())["epoch"] == 2
     resumed = fit(3, tmp_path / "b")
     assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, resumed))
-    ds = dataset()  # and without the replay the third epoch is the first one's order again
+    ds = dataset()  # skipping two epochs moves a new dataset off the first epoch's order
     first = [b.numpy().tolist() for _, b in iter(ds)]
     callbacks.skip_epochs(ds, 2)
     assert [b.numpy().tolist() for _, b in iter(ds)] != first
