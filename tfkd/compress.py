@@ -179,7 +179,9 @@ def save_deployable(model: Any, mean: Sequence[float], std: Sequence[float], pat
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
     module = tf.Module()
-    module.model = model
+    # Only the variables the signature reads: tracking the whole tf_keras model (its layers,
+    # wrappers, optimizer) made saving and converting a QAT MobileNetV3-Small about 5x slower.
+    module.serving_variables = list(model.variables)
     tf.saved_model.save(module, str(path), signatures={"serving_default": serve})
 
 
