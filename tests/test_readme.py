@@ -65,7 +65,7 @@ def fast(argv: list[str]) -> list[str]:
         return {"accuracy": ["--epochs", "1", "--only", "student", "--set", "data.subset=0.02"],
                 "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
                           "--latency-runs", "0"],
-                "pipeline": ["--batches", "1", "--steps", "1"]}[argv[3]]
+                "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"]}[argv[3]]
     return []
 
 
