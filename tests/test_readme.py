@@ -62,7 +62,7 @@ def fast(argv: list[str]) -> list[str]:
     if module == "tfkd.compress":
         return ["--epochs", "1", "--max-test-images", "50", "--batch-size", "32"]
     if module == "tfkd.bench":
-        return {"accuracy": ["--epochs", "1", "--only", "student", "--set", "data.subset=0.02"],
+        return {"accuracy": ["--epochs", "1", "--only", "student", "--seeds", "0", "--set", "data.subset=0.02"],
                 "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
                           "--latency-runs", "0"],
                 "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"]}[argv[3]]
