@@ -16,6 +16,14 @@ tf.config.set_logical_device_configuration(
 REPO = Path(__file__).resolve().parents[1]
 
 
+def differing_weights(model, reference) -> list[str]:
+    """The paths of ``model``'s weights that are not bit for bit ``reference``'s."""
+    import numpy as np
+
+    return [w.path for w, r in zip(model.weights, reference.weights)
+            if not np.array_equal(np.asarray(w), np.asarray(r))]
+
+
 def fake_cifar(folder: Path, labels=None, n: int = 20) -> Path:
     """Writes a tiny CIFAR-10 in the canonical python-batch layout (random pixels); returns it."""
     import pickle

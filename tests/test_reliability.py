@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import fake_cifar
+from conftest import differing_weights, fake_cifar
 import tensorflow as tf
 
 from tfkd import callbacks, train
@@ -228,8 +228,7 @@ def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path
             assert metrics["epochs_run_here"] == 0  # training had finished: only evaluation re-ran
         # Resumed from its backup, with the input order replayed (skip_epochs), the run ends
         # with the uninterrupted run's weights, to the bit.
-        different = [w.path for w, r in zip(student.weights, reference_student.weights)
-                     if not np.array_equal(np.asarray(w), np.asarray(r))]
+        different = differing_weights(student, reference_student)
         assert not different, (point, at_kill, different[:5])
         assert metrics["test_accuracy"] == reference["test_accuracy"], outcomes
     print("reference", reference["test_accuracy"], "outcomes", outcomes)

@@ -9,6 +9,7 @@ import time
 import keras
 import numpy as np
 import pytest
+from conftest import differing_weights
 from PIL import Image
 
 from tfkd import pipeline, train
@@ -263,6 +264,10 @@ def test_multiworker_training_survives_a_killed_worker(tmp_path):
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def finish(procs):
+        for proc, (_, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
+            assert proc.returncode == 0, err[-2000:]
+
     procs = [start(0), start(1)]
     metadata = run_dir / "backup" / "teacher" / "training_metadata.json"
     deadline = time.time() + 400
@@ -284,22 +289,16 @@ def test_multiworker_training_survives_a_killed_worker(tmp_path):
         p.communicate()
     assert not (run_dir / "teacher.keras").exists()
     backed_up = json.loads(metadata.read_text())["epoch"]
-    procs = [start(0), start(1)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-2000:]
+    finish([start(0), start(1)])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 4 and metrics["epochs_run_here"] == 4 - backed_up
     with open(run_dir / "teacher_log.csv") as f:
         epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
     assert epochs[-1] == 3 and sorted(set(epochs)) == list(range(4))
     resumed = keras.saving.load_model(run_dir / "teacher.keras")
-    procs = [start(0, tmp_path / "uninterrupted"), start(1, tmp_path / "uninterrupted")]
-    for proc, (out, err) in zip(procs, [p.communicate(timeout=600) for p in procs]):
-        assert proc.returncode == 0, err[-2000:]
+    finish([start(0, tmp_path / "uninterrupted"), start(1, tmp_path / "uninterrupted")])
     reference = keras.saving.load_model(tmp_path / "uninterrupted" / "teacher.keras")
-    different = [w.path for w, r in zip(resumed.weights, reference.weights)
-                 if not np.array_equal(np.asarray(w), np.asarray(r))]
+    different = differing_weights(resumed, reference)
     assert not different, (backed_up, different[:5])
 
 
