@@ -17,9 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def differing_weights(model, reference) -> list[str]:
-    """The paths of ``model``'s weights that are not bit for bit ``reference``'s."""
+    """The paths of ``model``'s weights that are not bit for bit ``reference``'s (every one,
+    if the two do not have the same weight shapes, in order)."""
     import numpy as np
 
+    if [w.shape for w in model.weights] != [r.shape for r in reference.weights]:
+        return [w.path for w in model.weights] or ["(no weights)"]
     return [w.path for w, r in zip(model.weights, reference.weights)
             if not np.array_equal(np.asarray(w), np.asarray(r))]
 
