@@ -1,5 +1,5 @@
 """Keras callbacks for cross-cutting work: pictures at the end of training, throughput, epoch
-times, the NaN guard and the run's status file."""
+times, the NaN guard, the run's status file and the batch-norm statistics at the end."""
 
 from __future__ import annotations
 
@@ -50,6 +50,33 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: str | Path)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """At the end of training, re-estimates the batch-norm moving statistics of ``target`` (the
+    model the stage keeps: the teacher, or the distiller's student) on training images
+    (``tfkd.models.batchnorm``). It runs before the callbacks after it in the list (pictures of
+    the trained model) and before the stage's final evaluation.
+
+    ``images()`` returns the uint8 training images (evaluation geometry); ``normalize`` maps a
+    batch of them to the model's input. ``record`` says what was done: the layers re-estimated,
+    the images used, and the validation top-1 of the last epoch, which used the old statistics.
+    """
+
+    def __init__(self, target: Any, images: Any, batch_size: int, normalize: Any) -> None:
+        super().__init__()
+        self.target, self.images, self.batch_size, self.normalize = target, images, batch_size, normalize
+        self.record: dict[str, Any] = {}
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        from tfkd.models import batchnorm
+
+        images = self.images()
+        layers = batchnorm.recalibrate(self.target, batchnorm.image_batches(images, self.batch_size,
+                                                                            self.normalize))
+        before = (logs or {}).get("val_accuracy")
+        self.record = {"layers": layers, "images": int(len(images)), "batch_size": self.batch_size,
+                       "val_accuracy_before": None if before is None else float(before)}
 
 
 class ThroughputMeter(keras.callbacks.Callback):

@@ -91,6 +91,18 @@ class OptimizerConfig:
 
 
 @dataclass
+class PreciseBNConfig:
+    """Batch-norm statistics re-estimated once a stage has trained (``*.precise_bn.*``)."""
+
+    enabled: bool = option(True, "once training ends, set every trainable batch-norm layer's "
+                                 "moving mean and variance to its input's statistics over "
+                                 "training images seen as at inference (precise BN): the "
+                                 "moving averages lag a network that changed fast")
+    images: int = option(2000, "training images (a seeded sample, evaluation geometry) the "
+                               "statistics are measured on")
+
+
+@dataclass
 class TeacherConfig:
     """The reconstruction-augmented teacher (``teacher.*``)."""
 
@@ -114,6 +126,8 @@ class TeacherConfig:
     freeze_epochs: int = option(0, "epochs at the start in which the backbone does not change "
                                    "(the new decoder learns first)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "teacher optimizer")
+    precise_bn: PreciseBNConfig = section(PreciseBNConfig, "the teacher's batch-norm statistics "
+                                                           "after training")
 
 
 @dataclass
@@ -131,6 +145,8 @@ class StudentConfig:
     freeze_epochs: int = option(0, "epochs at the start in which the student's body does not "
                                    "change (its new head and the adapters learn first)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "student (and adapter) optimizer")
+    precise_bn: PreciseBNConfig = section(PreciseBNConfig, "the student's batch-norm statistics "
+                                                           "after training")
 
 
 def _distill_config() -> type:
@@ -465,6 +481,9 @@ def validate(config: RunConfig) -> None:
     _check(student.backbone_lr_scale >= 0, "student.backbone_lr_scale", student.backbone_lr_scale, ">= 0")
     _check(0 <= student.freeze_epochs <= student.epochs, "student.freeze_epochs", student.freeze_epochs,
            f"an integer from 0 to student.epochs ({student.epochs})")
+    for name, section_ in (("teacher", teacher), ("student", student)):
+        _check(1 <= section_.precise_bn.images <= 1_000_000, f"{name}.precise_bn.images",
+               section_.precise_bn.images, "an integer from 1 to 1000000")
     for name, opt in (("teacher", teacher.optimizer), ("student", student.optimizer)):
         _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
         _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tfkd import config as config_lib
+from tfkd import health
 
 
 def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
@@ -79,17 +80,25 @@ def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
 
 
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
-         extra_callbacks: list[Any], with_index: bool = False
-         ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], dict[str, float | None]]:
+         extra_callbacks: list[Any], with_index: bool = False, keep: Any = None,
+         precise_bn: Any = None, replicas: int = 1
+         ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics,
-    timing): timing is the record's ``train_images_per_second`` and ``epochs_seconds`` (the
-    stage's epochs summed across resumes).
+    record): the record's ``train_images_per_second``, ``epochs_seconds`` (the stage's epochs
+    summed across resumes) and, with ``precise_bn`` (a ``PreciseBNConfig``) enabled, what
+    re-estimating the batch-norm statistics of ``keep`` (the model the stage saves) did, on
+    batches of the per-replica size (``replicas``), before the final evaluation.
     ``with_index``: training batches carry each example's index in the split (memory banks)."""
     import keras
 
     from tfkd import callbacks
 
     batch = cfg.data.batch_size
+    recalibration = []
+    if precise_bn is not None and precise_bn.enabled:
+        recalibration = [callbacks.PreciseBatchNorm(
+            keep, lambda: data.sample("train", precise_bn.images, seed=cfg.seed),
+            max(2, batch // max(1, replicas)), data.normalize)]
     train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer, with_index)
     val_ds = data.eval_dataset("val", batch) if data.count("val") else None
     meter = callbacks.ThroughputMeter(batch)
@@ -111,7 +120,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
         status,
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
-        meter, *extra_callbacks,
+        meter, *recalibration, *extra_callbacks,  # the statistics first: pictures show the kept model
     ]
     verbose = cfg.progress if cfg.progress is not None else (1 if sys.stdout.isatty() else 2)
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=cbs,
@@ -130,7 +139,29 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
                          labels=data.test_labels.astype(np.int32))
     val = model.evaluate(val_ds, verbose=0, return_dict=True) if val_ds is not None else {}
     status.write("save")
-    return history, val, test, {"train_images_per_second": meter.images_per_second, "epochs_seconds": clock.total}
+    record: dict[str, Any] = {"train_images_per_second": meter.images_per_second, "epochs_seconds": clock.total}
+    if recalibration:
+        record["precise_bn"] = recalibration[0].record
+    return history, val, test, record
+
+
+def _judge(what: str, history: dict[str, list[float]], val: dict[str, Any], test: dict[str, Any],
+           data: Any, record: dict[str, Any]) -> list[str]:
+    """Prints what precise batch norm changed and returns the warnings the stage's accuracy
+    calls for (``tfkd.health``): judged on the validation split, else on the test split."""
+    from tfkd import health
+
+    split, top1 = ("validation", val.get("accuracy")) if val else ("test", test.get("accuracy"))
+    recalibrated = record.get("precise_bn")
+    if recalibrated and recalibrated.get("layers"):
+        before = recalibrated.get("val_accuracy_before")
+        change = (f": validation top-1 {before:.2%} with the moving averages, {top1:.2%} now"
+                  if before is not None and val else "")
+        print(f"tfkd: precise batch norm: {recalibrated['layers']} layers of {what} re-estimated on "
+              f"{recalibrated['images']} training images{change}", flush=True)
+    train_top1 = history.get("accuracy", [None])[-1] if history.get("accuracy") else None
+    labels = data.labels("val") if val else (data.labels("test") if test else [])
+    return health.accuracy_warnings(what, top1, labels, split, train_top1)
 
 
 def _scaled_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int,
@@ -200,7 +231,9 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     sample = data.spread("test", 10)
     plots = [callbacks.ReconstructionPlot(sample, data.mean, data.std, out_dir / "reconstructions.png")] \
         if lambda_rec > 0 else []
-    history, val, test, timing = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots)
+    history, val, test, timing = _fit(teacher, cfg, data, out_dir, name, tcfg.epochs, plots, keep=teacher,
+                                      precise_bn=tcfg.precise_bn, replicas=strategy.num_replicas_in_sync)
+    warnings = _judge(f"the {name}", history, val, test, data, timing)
     with io.atomic_path(out_dir / f"{name}.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         precision.with_policy(teacher).save(tmp)  # float32 whatever it trained in
     _drop_backup(out_dir, name)
@@ -212,7 +245,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "test_accuracy": test.get("accuracy"), "test_psnr": test.get("psnr"),
         "test_loss": test.get("loss"),
         "params": int(backbone.count_params()),
-        "wall_seconds": time.perf_counter() - start, **timing,
+        "wall_seconds": time.perf_counter() - start, **timing, "warnings": warnings,
     }
 
 
@@ -394,8 +427,11 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         distiller.compile(optimizer=optimizer,  # a term with an optimizer of its own built it
                           backbone_optimizer=_backbone_sgd(scfg, batch, steps_per_epoch) if separate else None)
         distiller.build_all()
+    teacher_top1 = _teacher_accuracies(teacher_paths, teachers, data, batch, dcfg.method)
     history, val, test, timing = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
-                                      with_index=distiller.needs_index)
+                                      with_index=distiller.needs_index, keep=student,
+                                      precise_bn=scfg.precise_bn, replicas=strategy.num_replicas_in_sync)
+    warnings = _judge("the student", history, val, test, data, timing)
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)
         precision.with_policy(student).save(tmp)  # float32 whatever it trained in: exports are float32
     _drop_backup(out_dir, "distill")
@@ -407,8 +443,35 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         "epochs": scfg.epochs, "epochs_run_here": len(history.get("loss", [])),
         "val_accuracy": val.get("accuracy"), "test_accuracy": test.get("accuracy"),
         "test_loss": test.get("loss"), "params": int(student.count_params()),
+        "teacher_val_accuracy": [t["top1"] for t in teacher_top1],
         **last, "wall_seconds": time.perf_counter() - start, **timing,
+        "warnings": [w for t in teacher_top1 for w in t["warnings"]] + warnings,
     }
+
+
+def _teacher_accuracies(paths: Sequence[str | Path], teachers: Sequence[Any], data: Any,
+                        batch: int, method: str) -> list[dict[str, Any]]:
+    """Each teacher's top-1 on this run's validation split (else its test split), printed: the
+    teacher as this run feeds it, so a wrong input convention or class order shows at once.
+    An autoencoder (mktn's Teacher1) is not judged: its logits are untrained by design."""
+    from tfkd import health
+    from tfkd.distill import methods
+
+    split = "val" if data.count("val") else "test"
+    labels = data.labels(split)
+    found = []
+    for path, teacher, role in zip(paths, teachers, methods.resolve(method).teachers):
+        if not len(labels):
+            found.append({"top1": None, "warnings": []})
+            continue
+        logits = teacher.predict(data.eval_dataset(split, batch).map(lambda x, y: x), verbose=0)["logits"]
+        top1 = float(np.mean(np.argmax(logits, 1) == labels))
+        warnings = [] if role == "autoencoder" else health.accuracy_warnings(
+            f"the teacher {path}", top1, labels, "validation" if split == "val" else "test")
+        print(f"tfkd: teacher {path}: top-1 {top1:.2%} on this run's "
+              f"{'validation' if split == 'val' else 'test'} split", flush=True)
+        found.append({"top1": top1, "warnings": warnings})
+    return found
 
 
 def _drop_backup(out_dir: Path, stage: str) -> None:
@@ -614,13 +677,16 @@ def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
             io.write_text(run_dir / "config.yaml", _describe_folder(cfg, records, running))
             io.write_json(run_dir / "dataset.json", data.info())
         metrics: dict[str, Any] = {}
+        judged: list[dict[str, Any]] = []  # every stage's record, for its warnings
         for stage, (name, lambda_cls, lambda_rec) in zip(stages, plan if teachers_now else []):
             if _skip(stage):
                 metrics = _stage_metrics(run_dir, name)
+                judged.append(metrics)
                 continue
             if chief:
                 rundir.write_record(run_dir, name, stage.settings, "training")
             metrics = train_teacher(cfg, data, strategy, out_dir, name, lambda_cls, lambda_rec)
+            judged.append(metrics)
             if chief:
                 rundir.write_record(run_dir, name, stage.settings, "done", stage.artifact.name)
                 _update_metrics(run_dir, name, metrics)
@@ -644,6 +710,7 @@ def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
                     _done(run_dir, "distill")
             else:
                 metrics = _stage_metrics(run_dir, "distill")
+            judged.append(metrics)
         if cfg.stage in ("export", "all") and chief:
             export_settings = {**rundir.stage_settings(cfg, "export"),
                                "student": rundir.sha256(run_dir / "student.keras")}
@@ -656,7 +723,7 @@ def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
             else:
                 metrics = export_student(cfg, run_dir, data)
                 rundir.write_record(run_dir, "export", export_settings, "done", "export")
-        return metrics
+        return {**metrics, "warnings": health.collect(*judged)}
     finally:
         lock.release()
 

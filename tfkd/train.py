@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = pipeline.run(cfg, retrain=args.retrain, verbose=args.verbose)
         summary = {k: v for k, v in metrics.items() if k in ("val_accuracy", "test_accuracy", "test_psnr")}
         print(f"tfkd: done: {cfg.run_dir} {json.dumps(summary)}")
+        for warning in metrics.get("warnings", []):  # last, where a user looks
+            print(f"tfkd: WARNING: {warning}", flush=True)
         return 0
 
     return cli.run(body, interrupted="interrupted; re-run the same command to resume")
