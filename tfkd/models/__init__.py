@@ -30,7 +30,10 @@ REGISTRY: dict[str, tuple[str, str, tuple[Any, ...], dict[str, Any]]] = {
     **{f"vgg{d}": ("vgg", "vgg", (d,), {}) for d in (8, 11, 13)},
     "mobilenetv2": ("mobilenetv2", "mobilenetv2", (), {"width": 1.0}),
     "mobilenetv2_x0_5": ("mobilenetv2", "mobilenetv2", (), {"width": 0.5}),
+    "efficientnet_lite0": ("efficientnet_lite", "efficientnet_lite0", (), {}),
 }
+#: Zoo models with ImageNet strides (a 32-stride network: inputs of 96 px and more).
+IMAGENET_STRIDES = ("efficientnet_lite0",)
 
 
 def names() -> list[str]:

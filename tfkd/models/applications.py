@@ -36,12 +36,21 @@ HEAD_LAYERS = ("logits",)
 NETWORKS: dict[str, str] = {
     "MobileNet": "-1-1", "MobileNetV2": "-1-1",
     "MobileNetV3Small": "0-255", "MobileNetV3Large": "0-255",
+    "MobileNetV3SmallMinimalistic": "0-255", "MobileNetV3LargeMinimalistic": "0-255",
     **{f"EfficientNetB{i}": "0-255" for i in range(8)},
     **{f"EfficientNetV2{v}": "0-255" for v in ("B0", "B1", "B2", "B3", "S", "M", "L")},
     **{f"ResNet{d}V2": "-1-1" for d in (50, 101, 152)},
     **{f"ConvNeXt{s}": "0-255" for s in ("Tiny", "Small", "Base", "Large", "XLarge")},
     **{f"DenseNet{d}": "imagenet" for d in (121, 169, 201)},
     "Xception": "-1-1", "InceptionV3": "-1-1", "InceptionResNetV2": "-1-1", "NASNetMobile": "-1-1",
+}
+
+
+#: Names for keras.applications networks built with options: the minimalistic MobileNetV3s
+#: (no squeeze-and-excitation, no hard-swish, 3x3 kernels: the variants that quantize well).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "MobileNetV3SmallMinimalistic": ("MobileNetV3Small", {"minimalistic": True}),
+    "MobileNetV3LargeMinimalistic": ("MobileNetV3Large", {"minimalistic": True}),
 }
 
 
@@ -125,6 +134,9 @@ def _network_and_options(name: str) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {}
     if net.startswith(("MobileNetV3", "EfficientNetV2", "ConvNeXt")):
         kwargs["include_preprocessing"] = True
+    if net in VARIANTS:
+        net, options = VARIANTS[net]
+        kwargs.update(options)
     return net, kwargs
 
 
