@@ -198,9 +198,6 @@ def load(protocol: str) -> Protocol:
     if BASELINE not in runs:
         raise ConfigError(f"{path}: runs: a run named '{BASELINE}' (the student alone) is needed "
                           "to report gains")
-    if runs[BASELINE].students is not None:
-        raise ConfigError(f"{path}: runs.{BASELINE}: runs with every student model (the gains are "
-                          "measured from it)")
     seeds = _seeds(raw.get("seeds", [0]), f"{path}: seeds")
     epochs = raw["epochs"]
     if not isinstance(epochs, int) or epochs < 1:
