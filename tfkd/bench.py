@@ -303,7 +303,7 @@ def _latencies(backbone: Any, runs: int) -> dict[str, float]:
 
     import numpy as np
 
-    from tfkd import export
+    from tfkd import export, formats, quantize
 
     model = export.deployable(backbone, [127.5] * 3, [64.0] * 3)
     image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
@@ -313,10 +313,10 @@ def _latencies(backbone: Any, runs: int) -> dict[str, float]:
         export.export_saved_model(model, saved)
         for mode in ("fp32", "int8"):
             path = Path(tmp) / f"model_{mode}.tflite"
-            path.write_bytes(export.convert_tflite(saved, mode, image[None].repeat(20, 0)))
+            path.write_bytes(quantize.legacy_tflite(saved, mode, image[None].repeat(20, 0)))
             result[f"tflite_{mode}"] = round(export.batch1_latency_ms(
                 export.tflite_runner(path), image, runs), 3)
-        export.convert_onnx(saved, Path(tmp) / "model.onnx")
+        formats.convert_onnx(saved, Path(tmp) / "model.onnx")
         result["onnx"] = round(export.batch1_latency_ms(
             export.runner("onnx", Path(tmp) / "model.onnx"), image, runs), 3)
     return result

@@ -199,7 +199,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     import tensorflow_model_optimization as tfmot  # switches this process to Keras 2
     import tf_keras
 
-    from tfkd import export, rundir
+    from tfkd import export, quantize, rundir
     from tfkd.errors import ConfigError, ExportError, TrainingError
     from tfkd.pipeline import load_teacher
 
@@ -248,7 +248,7 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as scratch:
         saved = Path(scratch) / "saved_model"
         save_deployable(model, info["mean"], info["std"], saved)
-        tflite = export.convert_tflite(saved, "int8", calibration)
+        tflite = quantize.legacy_tflite(saved, "int8", calibration)
         staging = Path(scratch) / "out"
         staging.mkdir()
         (staging / export.FILES["int8"]).write_bytes(tflite)

@@ -24,7 +24,8 @@ from tfkd.errors import ConfigError
 from tfkd.options import option, section
 
 STAGES = ("teacher", "distill", "export", "all")
-EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "onnx", "onnx_int8")
+EXPORT_FORMATS = ("saved_model", "fp32", "fp16", "dynamic", "int8", "litert_dynamic", "litert_int8",
+                  "litert_a16w8", "onnx", "onnx_int8")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PIPELINES = ("auto", "memory", "streaming")
 POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -194,8 +195,10 @@ class ExportConfig:
     """The export of the student to edge formats (``export.*``)."""
 
     formats: List[str] = option(list(EXPORT_FORMATS), "formats to write: saved_model, fp32, fp16, "
-                                                      "dynamic, int8 (TFLite), onnx, onnx_int8 "
-                                                      "(ONNX statically quantized, QDQ)")
+                                                      "dynamic, int8 (LiteRT's converter), "
+                                                      "litert_dynamic, litert_int8, litert_a16w8 "
+                                                      "(LiteRT Quantizer), onnx, onnx_int8 (ONNX "
+                                                      "statically quantized, QDQ)")
     opset: int = option(17, "ONNX opset")
     representative: int = option(500, "training images that calibrate the int8 models")
     int8_io: str = option("float32", "model_int8.tflite input/output type: float32, int8 or uint8 "
@@ -204,6 +207,11 @@ class ExportConfig:
                                     "that exceeds 1) allowed between Keras and an fp32 "
                                     "format")
     max_test_images: int = option(0, "verify on the first N test images (0: all)")
+    max_drop: Optional[float] = option(1.0, "accuracy budget: points of validation top-1 a quantized "
+                                            "format may lose against the float model; one that loses "
+                                            "more keeps its noisiest ops in float until it holds (or "
+                                            "is flagged); null: no budget")
+    max_val_images: int = option(0, "score the budget on the first N validation images (0: all)")
     latency_runs: int = option(50, "timed batch-1 calls per format")
 
 
@@ -514,6 +522,9 @@ def validate(config: RunConfig) -> None:
            "an integer from 1 to 100000")
     _check(export.tolerance > 0, "export.tolerance", export.tolerance, "> 0")
     _check(export.max_test_images >= 0, "export.max_test_images", export.max_test_images, ">= 0")
+    _check(export.max_drop is None or 0 <= export.max_drop <= 100, "export.max_drop", export.max_drop,
+           "points of top-1 from 0 to 100, or null")
+    _check(export.max_val_images >= 0, "export.max_val_images", export.max_val_images, ">= 0")
     _check(7 <= export.opset <= 21, "export.opset", export.opset, "an ONNX opset from 7 to 21")
     _check(1 <= export.latency_runs <= 100_000, "export.latency_runs", export.latency_runs,
            "an integer from 1 to 100000")

@@ -31,157 +31,60 @@ import numpy as np
 from tfkd.errors import ModelError
 
 from tfkd.config import EXPORT_FORMATS as FORMATS
-FILES = {"saved_model": "saved_model", "fp32": "model_fp32.tflite", "fp16": "model_fp16.tflite",
-         "dynamic": "model_dynamic.tflite", "int8": "model_int8.tflite", "onnx": "model.onnx",
-         "onnx_int8": "model_int8.onnx"}
-#: Formats that must match Keras to the tolerance (the others are quantized).
-EXACT_FORMATS = ("saved_model", "fp32", "onnx")
+from tfkd.formats import (CALIBRATED, EXACT_FORMATS, FILES, REPAIRABLE, convert_onnx,
+                          export_saved_model, runner, tflite_runner)
 
 
 # ------------------------------------------------------------------------------ building
 def deployable(student: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Wraps a zoo student as the deployed contract: [0, 255] pixels in, normalization inside,
-    ``{"logits", "probabilities"}`` out."""
+    """Wraps a student as the deployed contract: [0, 255] pixels in, normalization inside,
+    ``{"logits", "probabilities"}`` out.
+
+    A student that starts with a ``feed`` layer (a ``keras:`` network: it maps the run's
+    normalized images onto the network's own convention) gets one affine layer from pixels to
+    that convention instead of the normalization followed by its inverse, or none when the
+    network takes pixels (MobileNetV3, EfficientNet rescale inside): the same function with up
+    to four fewer elementwise ops, each of which a quantized file would otherwise requantize."""
     import keras
 
     images = keras.Input(tuple(student.input_shape[1:]), name="images")
-    x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(images)
-    logits = keras.layers.Identity(name="logits")(student(x)["logits"])
+    body, convention = _after_feed(student, mean, std)
+    if convention is None:
+        x = keras.layers.Normalization(mean=list(mean), variance=[s * s for s in std], name="normalize")(images)
+    elif np.allclose(convention[0], 0.0, atol=1e-6) and np.allclose(convention[1], 1.0, rtol=1e-6):
+        x = images
+    else:
+        x = keras.layers.Normalization(mean=list(convention[0]), variance=list(np.square(convention[1])),
+                                       name="normalize")(images)
+    logits = keras.layers.Identity(name="logits")(body(x)["logits"])
     probabilities = keras.layers.Softmax(name="probabilities")(logits)
     return keras.Model(images, {"logits": logits, "probabilities": probabilities}, name="deployable")
 
 
-def export_saved_model(model: Any, path: Path) -> None:
-    """SavedModel with the ``serving_default`` signature (Keras's own exporter)."""
-    model.export(str(path), format="tf_saved_model", verbose=False)
+def _after_feed(student: Any, mean: Sequence[float], std: Sequence[float]) -> tuple[Any, Any]:
+    """(the student from its feed layer's output on, the (mean, std) on the [0, 255] scale its
+    body takes) when the student's first layer after its input is a ``feed`` layer; else
+    (``student``, None)."""
+    import keras
 
-
-def convert_tflite(saved_model: Path, mode: str, representative: np.ndarray | None = None,
-                   int8_io: str = "float32") -> bytes:
-    """TFLite flatbuffer from the SavedModel: ``fp32``, ``fp16`` (float16 weights), ``dynamic``
-    (int8 weights, float activations) or ``int8`` (full integer, calibrated on
-    ``representative`` pixels)."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    if mode != "fp32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "fp16":
-        converter.target_spec.supported_types = [tf.float16]
-    if mode == "int8":
-        if representative is None or not len(representative):
-            raise ModelError("int8 export needs representative images")
-
-        def samples() -> Any:
-            for image in representative:
-                yield {"images": image[None].astype(np.float32)}
-
-        converter.representative_dataset = samples
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        io_type = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8}[int8_io]
-        converter.inference_input_type = io_type
-        converter.inference_output_type = io_type
-    return converter.convert()
-
-
-def convert_onnx(saved_model: Path, path: Path, opset: int = 17) -> None:
-    """ONNX from the SavedModel with tf2onnx's own ``--saved-model`` converter, run as the
-    documented command. (``from_function`` on the Keras model turns the normalization
-    constants into extra graph inputs; ``from_keras`` does not handle Keras 3 models.)"""
-    import subprocess
-
-    command = [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
-               "--output", str(path), "--opset", str(opset)]
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if result.returncode < 0:  # the converter was stopped by a signal (Ctrl-C reaches it too)
-        raise KeyboardInterrupt(f"tf2onnx stopped by signal {-result.returncode}")
-    if result.returncode != 0 or not path.is_file():
-        lines = [l for l in result.stderr.splitlines() if l.strip()] or ["no output"]
-        raise ModelError(f"ONNX conversion failed (tf2onnx: {lines[-1][:300]})")
-
-
-class _Calibration:
-    """ONNX Runtime's calibration reader over pixel images, one at a time."""
-
-    def __init__(self, images: np.ndarray, name: str) -> None:
-        self.images, self.name, self.position = images, name, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.position >= len(self.images):
-            return None
-        self.position += 1
-        return {self.name: self.images[self.position - 1][None].astype(np.float32)}
-
-    def rewind(self) -> None:
-        self.position = 0
-
-
-def quantize_onnx(model: Path, path: Path, representative: np.ndarray) -> None:
-    """Static int8 quantization of the fp32 ONNX model in ONNX Runtime's QDQ format (signed
-    activations and per-channel signed weights, min-max calibration on ``representative``
-    pixels), after its recommended pre-processing (shape inference, graph optimization)."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
-
-    if representative is None or not len(representative):
-        raise ModelError("onnx_int8 export needs representative images")
-    name = onnx.load(str(model)).graph.input[0].name
-    reader = type("Reader", (_Calibration, CalibrationDataReader), {})(representative, name)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(model), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(path), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    try:
+        feed = student.get_layer("feed")
+    except ValueError:
+        return student, None
+    if feed not in student.layers[:2] or not isinstance(feed, (keras.layers.Normalization, keras.layers.Identity)):
+        return student, None
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if isinstance(feed, keras.layers.Identity):
+        body_mean, body_std = mean, std
+    else:  # pixels -> (p - mean) / std -> (x - m) / sqrt(v)
+        m = np.asarray(feed.mean, np.float64).reshape(-1)
+        v = np.asarray(feed.variance, np.float64).reshape(-1)
+        body_mean, body_std = mean + m * std, std * np.sqrt(v)
+    body = keras.Model(feed.output, student.output, name=f"{student.name}_body")
+    return body, (body_mean.tolist(), body_std.tolist())
 
 
 # ------------------------------------------------------------------------------ runtimes
-def runner(fmt: str, path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from float32 pixel batches to logits, in the format's own runtime."""
-    if fmt == "saved_model":
-        import tensorflow as tf
-
-        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-        return lambda x: signature(images=tf.constant(x))["logits"].numpy()
-    if fmt in ("onnx", "onnx_int8"):
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        outputs = [o.name for o in session.get_outputs()]
-        index = outputs.index("logits") if "logits" in outputs else 0
-        return lambda x: session.run(None, {name: x})[index]
-    return tflite_runner(path)
-
-
-def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """LiteRT's interpreter behind the ``serving_default`` signature; quantizes integer input
-    and dequantizes integer output with the tensors' own scale and zero point."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(path))
-    signature = interpreter.get_signature_runner("serving_default")
-    details_in = signature.get_input_details()["images"]
-    details_out = signature.get_output_details()["logits"]
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if details_in["dtype"] != np.float32:
-            scale, zero = details_in["quantization"]
-            info = np.iinfo(details_in["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(details_in["dtype"])
-        y = signature(images=x)["logits"]
-        if details_out["dtype"] != np.float32:
-            scale, zero = details_out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y
-
-    return run
-
-
 def batch1_latency_ms(fn: Callable[[np.ndarray], Any], image: np.ndarray, runs: int = 50,
                       warmup: int = 5) -> float:
     """Median wall time of one single-image call, after warm-up, in milliseconds."""
@@ -298,35 +201,94 @@ def _describe_preprocessing(record: dict[str, Any]) -> str:
     return "not recorded"
 
 
+def _pt(value: Any) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def _ops_cell(entry: dict[str, Any]) -> str:
+    ops = entry.get("ops")
+    if not ops:
+        return "—"
+    hybrid = f" + {ops['hybrid_ops']} hybrid" if ops["hybrid_ops"] else ""
+    return f"{ops['int_ops']}{hybrid} / {ops['float_ops']}"
+
+
+def _delegate_cell(entry: dict[str, Any]) -> str:
+    xnn = (entry.get("ops") or {}).get("xnnpack")
+    if not xnn:
+        return "—"
+    return f"{xnn['delegated_ops']}/{xnn['ops']} in {xnn['partitions']}"
+
+
 def _model_card_markdown(card: dict[str, Any]) -> str:
-    rows = ["| format | file | size (KiB) | top-1 | agreement with Keras | max abs logit diff | "
-            "batch-1 latency (ms) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| format | file | in / out | size (KiB) | test top-1 | drop vs fp32 (pt, test) | "
+            "drop (pt, validation) | budget | integer / float ops | XNNPACK ops, partitions | "
+            "agreement with Keras | max abs logit diff | batch-1 latency (ms) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    notes = []
     for fmt, entry in card["formats"].items():
         diff = entry["max_abs_logit_diff"]
-        rows.append(f"| {fmt} | `{entry['file']}` | {entry['bytes'] / 1024:.1f} | "
-                    f"{entry['top1'] * 100:.2f}% | {entry['agreement_with_keras'] * 100:.2f}% | "
+        record = entry.get("budget")
+        verdict = "—" if not record else ("within" if record["within_budget"] else "**MISSED**")
+        if record and record.get("kept_float"):
+            verdict += f" ({len(record['float_ops'])} op(s) in float)"
+        io_types = entry.get("io") or {}
+        rows.append(f"| {fmt} | `{entry['file']}` | {io_types.get('input', '?')} / {io_types.get('output', '?')} | "
+                    f"{entry['bytes'] / 1024:.1f} | {entry['top1'] * 100:.2f}% | {_pt(-entry.get('drop_pt', 0.0))} | "
+                    f"{_pt(None if not record else -record['drop_pt'])} | {verdict} | {_ops_cell(entry)} | "
+                    f"{_delegate_cell(entry)} | {entry['agreement_with_keras'] * 100:.2f}% | "
                     f"{'not finite' if diff is None else f'{diff:.2e}'} | {entry['batch1_latency_ms']:.3f} |")
+        ops = entry.get("ops") or {}
+        if fmt not in EXACT_FORMATS and ops:
+            floats = ", ".join(f"{k} x{v}" for k, v in ops.get("float_kinds", {}).items()) or "none"
+            line = f"- `{entry['file']}`: {ops['int_ops']} ops on integers"
+            if ops["hybrid_ops"]:
+                line += f", {ops['hybrid_ops']} hybrid (int8 weights, float activations)"
+            line += f", {ops['float_ops']} in float ({floats}), {ops['conversions']} conversions"
+            xnn = ops.get("xnnpack")
+            if xnn:
+                left = ", ".join(f"{k} x{v}" for k, v in xnn["not_delegated"].items()) or "none"
+                line += (f"; XNNPACK took {xnn['delegated_ops']} of {xnn['ops']} ops in "
+                         f"{xnn['partitions']} partition(s), LiteRT's own kernels the rest ({left})")
+            if record and record.get("kept_float"):
+                before = record.get("unrepaired", {})
+                line += (f"; kept in float to hold the budget: {len(record['kept_float'])} tensor(s), "
+                         f"{len(record['float_ops'])} op(s) "
+                         f"(unrepaired: {before.get('top1', 0) * 100:.2f}% validation, "
+                         f"{before.get('bytes', 0) / 1024:.1f} KiB, {before.get('batch1_latency_ms', 0):.3f} ms)")
+            if entry.get("kept_float_for_runtime"):
+                line += (f"; {len(entry['kept_float_for_runtime'])} op(s) in float because LiteRT "
+                         "cannot prepare them quantized")
+            notes.append(line)
     keras_entry = card["keras"]
-    rows.append(f"| keras (reference) | `student.keras` | | {keras_entry['top1'] * 100:.2f}% | 100% | 0 | "
-                f"{keras_entry['batch1_latency_ms']:.3f} |")
+    rows.append(f"| keras (reference) | `student.keras` | float32 / float32 | | {keras_entry['top1'] * 100:.2f}% | "
+                f"0 | 0 | | | | 100% | 0 | {keras_entry['batch1_latency_ms']:.3f} |")
     contract = card["input"]
     training = card.get("training", {})
+    warnings = [f"> **WARNING**: {w}" for w in card.get("warnings", [])]
+    budget = card.get("max_drop_pt")
     return "\n".join([
-        f"# Model card: {card['model']}", "",
+        f"# Model card: {card['model']}", "", *(warnings + [""] if warnings else []),
         f"A {card['model']} image classifier for the {card['dataset']} classes, trained by tfkd "
         f"(method `{training.get('method', 'n/a')}`).", "",
         "## Input and output", "",
         f"- input `images`: {contract['dtype']} {contract['layout']} {contract['shape']}, pixels in "
-        f"{contract['range']}; normalization is inside the model",
-        f"- int8 model input/output: {card['int8_io']} ({contract['int8_note']})",
+        f"{contract['range']}; normalization is inside the model. Files with integer input "
+        "(column in / out) take pixels quantized with the input tensor's scale and zero point and "
+        "return quantized logits",
+        f"- `--int8-io` ({card['int8_io']}) sets the input/output type of `model_int8.tflite` only",
         f"- preprocessing: {_describe_preprocessing(card.get('preprocessing', {}))}",
         "- outputs: `logits` and `probabilities` (softmax), one per class of `labels.txt`",
         f"- normalization: mean {card['normalization']['mean']}, std {card['normalization']['std']}",
         "", "## Verification on the test split", "",
         f"{card['test_images']} test images; fp32 formats must match Keras within "
         f"{card['tolerance']:g} (max abs logit diff, relative to the largest |logit| above 1) with "
-        "100% top-1 agreement.", "",
-        *rows, "", "## Training", "", "```json", json.dumps(training, indent=2), "```", "",
+        "100% top-1 agreement. Budget: a quantized format may lose "
+        + (f"{budget:g} pt of validation top-1 against the float model (Keras: "
+           f"{(keras_entry.get('val_top1') or 0) * 100:.2f}% on validation)" if budget is not None
+           else "any amount (no budget)") + ".", "",
+        *rows, "", "## What runs in integer", "",
+        *(notes or ["No quantized file."]), "", "## Training", "", "```json", json.dumps(training, indent=2), "```", "",
         f"Labels: {', '.join(card['labels'])}", ""])
 
 
@@ -347,6 +309,9 @@ def check_options(settings: Any) -> None:
               (math.isfinite(settings.tolerance) and settings.tolerance > 0, "--tolerance",
                settings.tolerance, "a finite number > 0"),
               (settings.max_test_images >= 0, "--max-test-images", settings.max_test_images, "an integer >= 0"),
+              (settings.max_drop is None or (math.isfinite(settings.max_drop) and 0 <= settings.max_drop <= 100),
+               "--max-drop", settings.max_drop, "points of top-1 from 0 to 100"),
+              (settings.max_val_images >= 0, "--max-val-images", settings.max_val_images, "an integer >= 0"),
               (settings.latency_runs >= 1, "--latency-runs", settings.latency_runs, "an integer >= 1")]
     for ok, flag, value, expected in checks:
         if not ok:
@@ -474,8 +439,9 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] | Non
 
 def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: str | None,
             data: Any) -> dict[str, Any]:
-    from tfkd import rundir
+    from tfkd import health, opcount, rundir
     from tfkd.errors import ConfigError, ExportError
+    from tfkd.formats import Builder, io_types
 
     check_options(settings)
     formats = list(settings.formats)
@@ -498,18 +464,11 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tflite_modes = [f for f in formats if f in ("fp32", "fp16", "dynamic", "int8")]
         export_saved_model(model, tmp / FILES["saved_model"])
-        quantized = "int8" in formats or "onnx_int8" in formats
-        calibration = data.sample("train", settings.representative, seed=0) if quantized \
-            else np.zeros((0, *data.image_shape), np.uint8)
-        for mode in tflite_modes:
-            (tmp / FILES[mode]).write_bytes(convert_tflite(tmp / FILES["saved_model"], mode,
-                                                           calibration, settings.int8_io))
-        if "onnx" in formats or "onnx_int8" in formats:
-            convert_onnx(tmp / FILES["saved_model"], tmp / FILES["onnx"], settings.opset)
-        if "onnx_int8" in formats:
-            quantize_onnx(tmp / FILES["onnx"], tmp / FILES["onnx_int8"], calibration)
+        calibration = data.sample("train", settings.representative, seed=0) \
+            if any(f in CALIBRATED for f in formats) else np.zeros((0, *data.image_shape), np.uint8)
+        builder = Builder(tmp, tmp / FILES["saved_model"], calibration, settings.int8_io, settings.opset)
+        budgets = build_formats(builder, formats, settings, data, keras_logits)
         report, keras = verify(tmp, formats, keras_logits,
                                data.pixel_batches("test", 256, settings.max_test_images),
                                settings.tolerance, settings.latency_runs)
@@ -525,35 +484,135 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
                                f"{e['agreement_with_keras'] * 100:.2f}%" for f, e in bad.items())
             raise ExportError(f"{', '.join(bad)} disagree with the Keras model beyond {settings.tolerance:g} "
                               f"({detail}); nothing was written")
+        for fmt, entry in report.items():
+            path = tmp / FILES[fmt]
+            entry["drop_pt"] = (keras["top1"] - entry["top1"]) * 100.0
+            entry["io"] = io_types(fmt, path)
+            if path.suffix in (".tflite", ".onnx"):
+                entry["ops"] = opcount.count(path)
+            if fmt in budgets:
+                entry["budget"] = budgets[fmt]
+            if builder.runtime_float.get(fmt):
+                entry["kept_float_for_runtime"] = builder.runtime_float[fmt]
         try:
             training = json.loads((run_dir / "metrics.json").read_text()) \
                 if (run_dir / "metrics.json").is_file() else {}
         except (OSError, ValueError):
             training = {}  # the metrics are for the card only: a damaged file is left out
         training.pop("stages", None)
+        warnings = [*training.get("warnings", []), *health.accuracy_warnings(
+            "the exported model", keras["top1"], data.test_labels[:keras["images"]], "test"),
+            *budget_warnings(report, settings.max_drop)]
         files = sorted([FILES[f] for f in formats] + ["labels.txt", "model_card.json", "model_card.md"])
         card = finite({
             "model": student.name, "dataset": info.get("dataset"), "labels": class_names,
             "input": {"name": "images", "dtype": "float32", "layout": "NHWC",
                       "shape": [None, *data.image_shape], "range": "[0, 255]",
-                      "int8_note": "float32 pixels and logits unless --int8-io is int8/uint8, then "
-                                   "quantize pixels with the input tensor's scale/zero point"},
+                      "int8_note": "each file's own input and output types are under formats.<format>.io; "
+                                   "an integer input takes pixels quantized with the input tensor's "
+                                   "scale and zero point"},
             "preprocessing": info.get("preprocessing", data.geometry.record()),
             "outputs": ["logits", "probabilities"], "int8_io": settings.int8_io,
             "onnx_opset": settings.opset,
             "normalization": {"mean": mean, "std": std}, "tolerance": settings.tolerance,
+            "max_drop_pt": settings.max_drop,
             "test_images": int(keras["images"]), "representative_images": int(len(calibration)),
-            "keras": {"top1": keras["top1"], "batch1_latency_ms": keras_latency},
-            "formats": report, "training": training, "source": str(Path(model_path)),
+            "keras": {"top1": keras["top1"], "batch1_latency_ms": keras_latency,
+                      "val_top1": budgets.get("_reference", {}).get("top1")},
+            "formats": report, "warnings": warnings, "training": training, "source": str(Path(model_path)),
             MARKER: {"version": 1, "files": files},
         })
         (tmp / "labels.txt").write_text("\n".join(class_names) + "\n")
         (tmp / "model_card.json").write_text(json.dumps(card, indent=2, allow_nan=False) + "\n")
         (tmp / "model_card.md").write_text(_model_card_markdown(card))
+        for leftover in tmp.glob(".trial-*"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return card
+
+
+def val_top1(fn: Callable[[np.ndarray], np.ndarray], data: Any, limit: int) -> float:
+    """Top-1 of ``fn`` (pixels -> logits) on the validation split (its first ``limit`` images
+    when ``limit`` > 0), streamed batch by batch."""
+    correct = total = 0
+    for images, labels in data.pixel_batches("val", 256, limit):
+        correct += int(np.sum(np.asarray(fn(images.astype(np.float32))).argmax(1) == labels))
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def build_formats(builder: Any, formats: Sequence[str], settings: Any, data: Any,
+                  keras_logits: Callable[[np.ndarray], np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Builds every format into the builder's folder. A quantized format is scored on the
+    validation split against the float (Keras) model; one that loses more than
+    ``settings.max_drop`` points is repaired when it can be (``tfkd.budget``: its noisiest ops
+    kept in float) and flagged when it still misses. Returns each quantized format's budget
+    record (and the reference under ``_reference``); empty without a validation split or budget."""
+    from tfkd import budget
+
+    checked = settings.max_drop is not None and data.count("val") > 0
+    if not checked:
+        for fmt in formats:
+            builder.build(fmt)
+        if settings.max_drop is not None and any(f not in EXACT_FORMATS for f in formats):
+            print("tfkd: note: no validation split: the accuracy budget is not checked (the test "
+                  "split is never used for it)", flush=True)
+        return {}
+    reference = val_top1(keras_logits, data, settings.max_val_images)
+    records: dict[str, dict[str, Any]] = {"_reference": {"top1": reference}}
+    for fmt in formats:
+        if fmt in EXACT_FORMATS:
+            builder.build(fmt)
+            continue
+        trials: list[Path] = []
+
+        def build(keep: Sequence[str], fmt: str = fmt) -> Path:
+            trials.append(builder.build(fmt, keep, name=f".trial-{len(trials)}-{FILES[fmt]}"))
+            return trials[-1]
+
+        def score(path: Path, fmt: str = fmt) -> float:
+            return val_top1(runner(fmt, path), data, settings.max_val_images)
+
+        def ranking(path: Path, fmt: str = fmt) -> list[str]:
+            return builder.ranking(fmt, path) if fmt in REPAIRABLE else []
+
+        chosen, repair = budget.search(build, score, reference, settings.max_drop, ranking,
+                                       lambda message, fmt=fmt: print(f"tfkd: {fmt}: {message}", flush=True))
+        record = repair.record()
+        record["repairable"] = fmt in REPAIRABLE
+        if repair.kept_float:  # what keeping ops in float cost
+            first = trials[0]
+            image = data.sample("val", 1, seed=0)[0]
+            record["unrepaired"] = {"bytes": _size(first), "top1": repair.tried[0]["top1"],
+                                    "batch1_latency_ms": batch1_latency_ms(runner(fmt, first), image,
+                                                                           settings.latency_runs)}
+            print(f"tfkd: {fmt}: {len(repair.kept_float)} tensor(s) kept in float ({len(repair.float_ops)} "
+                  f"ops): validation top-1 "
+                  f"{repair.top1:.2%}, {repair.drop_pt:.2f} pt below the float model"
+                  + ("" if repair.within_budget else f", still over the {settings.max_drop:g}-pt budget"),
+                  flush=True)
+        os.replace(chosen, builder.folder / FILES[fmt])
+        for trial in trials:
+            if trial.exists():
+                trial.unlink()
+        records[fmt] = record
+    return records
+
+
+def budget_warnings(report: dict[str, dict[str, Any]], max_drop: float | None) -> list[str]:
+    """One sentence per quantized format that misses the accuracy budget."""
+    found = []
+    for fmt, entry in report.items():
+        record = entry.get("budget")
+        if record and not record["within_budget"]:
+            found.append(f"{fmt} loses {record['drop_pt']:.2f} pt of validation top-1 against the "
+                         f"float model, over the {max_drop:g}-pt budget"
+                         + (f" even with {len(record['float_ops'])} op(s) kept in float"
+                            if record.get("kept_float") else
+                            "" if record.get("repairable") else " (its ops cannot be kept in float one by one)"))
+    return found
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -619,6 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-test-images", type=cli.non_negative_int,
                         help="verify on the first N test images only (default: all)")
     parser.add_argument("--latency-runs", type=cli.positive_int, help="timed batch-1 calls per format (default 50)")
+    parser.add_argument("--max-drop", type=float, metavar="PT",
+                        help="accuracy budget: points of validation top-1 a quantized format may lose "
+                             "against the float model; one that loses more keeps its noisiest ops in "
+                             "float until it holds, else it is written and flagged (default 1.0)")
+    parser.add_argument("--max-val-images", type=cli.non_negative_int,
+                        help="score the budget on the first N validation images (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="export.KEY=VALUE",
                         help="an export.* config key (python -m tfkd.train --help lists them), e.g. "
                              "--set export.int8_io=uint8; the flags above win")
@@ -638,7 +703,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     settings = config_lib.load(dotlist=list(args.set)).export
     flags = {"opset": args.opset, "representative": args.representative, "int8_io": args.int8_io,
              "tolerance": args.tolerance, "max_test_images": args.max_test_images,
-             "latency_runs": args.latency_runs}
+             "latency_runs": args.latency_runs, "max_drop": args.max_drop,
+             "max_val_images": args.max_val_images}
     formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
     settings = settings_of(settings, formats, **{k: v for k, v in flags.items() if v is not None})
     check_options(settings)
@@ -657,6 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         card = export(args.model, out, settings=settings, data_dir=args.data_dir)
         print(Path(out, "model_card.md").read_text())
         print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
+        for warning in card.get("warnings", []):  # last, where a user looks
+            print(f"tfkd: WARNING: {warning}", flush=True)
         return 0
 
     return cli.run(body, interrupted="interrupted; nothing was written")
