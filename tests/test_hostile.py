@@ -263,7 +263,10 @@ def test_help_shows_every_default():
                             timeout=60)
     assert result.returncode == 0 and "MISSING" not in result.stdout and "object at 0x" not in result.stdout
     assert "distill.teachers = []" in result.stdout
-    assert "export.formats = ['saved_model', 'fp32', 'fp16', 'dynamic', 'int8', 'onnx', 'onnx_int8']" in result.stdout
+    from tfkd.config import EXPORT_FORMATS
+
+    assert f"export.formats = {list(EXPORT_FORMATS)}" in result.stdout
+    assert "export.max_drop = 1.0" in result.stdout and "student.precise_bn.enabled = True" in result.stdout
 
 
 # ----------------------------------------------------------------------------- what must work
