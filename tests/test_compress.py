@@ -57,7 +57,10 @@ def test_compress_rebuilds_a_keras_applications_student_and_quantizes_it(tmp_pat
         assert (tmp_path / method / "model_int8.tflite").stat().st_size == report["compressed_int8"]["bytes"]
         assert report["compressed_int8"]["bytes"] < 0.5 * report["fp32_tflite"]["bytes"]
         assert report["test_images"] == 200 and report["float_keras_top1"] > 0.8
-        assert report["compressed_int8"]["top1"] >= report["float_keras_top1"] - report["max_drop"]
+        assert report["compressed_int8"]["top1"] >= report["float_keras_top1"] - 0.10
+        drop = (report["val_top1"]["float"] - report["val_top1"]["compressed"]) * 100
+        assert report["val_drop_pt"] == drop and report["within_budget"] == (drop <= report["max_drop_pt"] == 1.0)
+        assert len(report["warnings"]) == (0 if report["within_budget"] else 1)
     assert 0.2 < report["sparsity"] < 0.4
 
 

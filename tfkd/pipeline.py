@@ -723,6 +723,7 @@ def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
             else:
                 metrics = export_student(cfg, run_dir, data)
                 rundir.write_record(run_dir, "export", export_settings, "done", "export")
+            judged.append(metrics.get("export", {}))
         return {**metrics, "warnings": health.collect(*judged)}
     finally:
         lock.release()
@@ -738,7 +739,8 @@ def export_student(cfg: config_lib.RunConfig, run_dir: Path, data: Any) -> dict[
                for fmt, entry in card["formats"].items()}
     metrics = {"folder": str(run_dir / "export"), "formats": summary,
                "keras_top1": card["keras"]["top1"],
-               "keras_batch1_latency_ms": card["keras"]["batch1_latency_ms"]}
+               "keras_batch1_latency_ms": card["keras"]["batch1_latency_ms"],
+               "warnings": card.get("warnings", [])}
     headline = {**_stage_metrics(run_dir, "distill"), "export": metrics}
     _update_metrics(run_dir, "export", metrics, headline)  # the student's figures stay on top
     return headline
