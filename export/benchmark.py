@@ -3,6 +3,7 @@
 
     python benchmark.py artifacts/s1                    # every .onnx and .tflite file there
     python benchmark.py model.onnx model_int8.tflite --threads 2 --runs 200
+    python benchmark.py artifacts/s1 --no-xnnpack       # LiteRT's own kernels, no XNNPACK
 
 For each model: batch-1 latency (p50, p90, p99 over --runs calls after --warmup calls) and
 throughput in images/s at each of --batch-sizes. Writes benchmark.json and benchmark.png (a bar
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=count(1),
                         help="side in pixels, for a model that takes any image size")
     parser.add_argument("--batch-sizes", default="8,32", help="comma-separated (default 8,32)")
+    parser.add_argument("--no-xnnpack", action="store_true",
+                        help="LiteRT without its default XNNPACK delegate (its own kernels only)")
     parser.add_argument("--out", help="folder for benchmark.json and benchmark.png")
     args = parser.parse_args(argv)
     try:
@@ -110,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_models(args.inputs)
         results = []
         for path in paths:
-            results.append(measure(EdgeModel(path, args.threads, args.image_size), sizes,
-                                   args.warmup, args.runs))
+            results.append(measure(EdgeModel(path, args.threads, args.image_size, not args.no_xnnpack),
+                                   sizes, args.warmup, args.runs))
             r = results[-1]
             print(f"{r['file']:24s} {r['runtime']:12s} batch-1 p50 {r['batch1_ms']['p50']:8.3f} ms  "
                   f"p90 {r['batch1_ms']['p90']:8.3f}  p99 {r['batch1_ms']['p99']:8.3f}  " +
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = {"machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
                           "python": platform.python_version()},
-              "threads": args.threads, "warmup": args.warmup, "runs": args.runs, "models": results}
+              "threads": args.threads, "warmup": args.warmup, "runs": args.runs,
+              "xnnpack": not args.no_xnnpack, "models": results}
     tmp = out / f".tmp-{os.getpid()}-benchmark.json"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "benchmark.json")

@@ -52,8 +52,10 @@ class EdgeModel:
     transposed. A model with a free height/width needs ``image_size``.
     """
 
-    def __init__(self, path: str | Path, threads: int = 0, image_size: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int = 0, image_size: int | None = None,
+                 xnnpack: bool = True) -> None:
         self.path = Path(path)
+        self.xnnpack = xnnpack
         if not self.path.is_file():
             raise KitError(f"{self.path}: model file not found", 4)
         if self.path.suffix not in MODEL_SUFFIXES:
@@ -105,7 +107,13 @@ class EdgeModel:
     def _load_tflite(self, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads or None)
+        if self.xnnpack:  # LiteRT's default: the XNNPACK delegate takes the ops it has kernels for
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads or None)
+        else:  # LiteRT's own kernels only
+            from ai_edge_litert.interpreter import OpResolverType
+
+            self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads or None,
+                                           experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
         self.signature = self.interpreter.get_signature_runner("serving_default")
         details = self.signature.get_input_details()["images"]
         self.input_name = "images"

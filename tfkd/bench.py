@@ -392,6 +392,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--jobs", type=cli.positive_int, default=1, metavar="N",
                    help="runs side by side (a student starts once its teachers are done); each "
                         "gets cores/N TensorFlow threads and writes its output to OUT/logs/")
+    p = sub.add_parser("deploy", help="train phone students, export every way, QAT, time and count ops "
+                                      "(tfkd.deploy_bench); cached, resumable")
+    p.add_argument("--protocol", default="cifar10-deploy",
+                   help=f"a shipped protocol ({', '.join(protocol_names())}) or a YAML file")
+    p.add_argument("--data-dir", default=os.environ.get("TFKD_CIFAR10_DIR"),
+                   help="CIFAR python batches folder (default: $TFKD_CIFAR10_DIR)")
+    p.add_argument("--teachers-dir", help="folder of the PyTorch checkpoints a protocol imports")
+    p.add_argument("--out", help="output folder (default: benchmarks/results/deploy)")
+    p.add_argument("--epochs", type=cli.positive_int, help="epochs of every teacher and student run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="PT",
+                   help="the exports' and QAT's accuracy budget (points of validation top-1, default 1.0)")
+    p.add_argument("--qat-epochs", type=cli.non_negative_int, default=2,
+                   help="QAT epochs of each distilled student (0: no QAT; default 2)")
+    p.add_argument("--latency-runs", type=cli.positive_int, default=50,
+                   help="the exports' own timed calls per format (default 50)")
+    p.add_argument("--timing-runs", type=cli.positive_int, default=300,
+                   help="batch-1 calls the kit times per file (default 300)")
+    p.add_argument("--formats", help="the exports' formats, comma-separated (default: all)")
+    p.add_argument("--max-test-images", type=cli.non_negative_int, default=0,
+                   help="the exports and QAT verify on the first N test images (default: all)")
     p = sub.add_parser("pipeline", help="input pipeline vs a training step, images/s; peak memory")
     p.add_argument("--dataset", default="digits", help="dataset (as for tfkd.train: cifar10, digits, "
                                                       "folder:PATH, tfds:NAME)")
@@ -445,6 +467,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except ConfigError:
                     raise ConfigError(f"--methods {method}: expected some of {', '.join(methods.METHODS)} "
                                       "or compositions like kd+ls") from None
+        if args.command == "deploy":
+            if not 0 <= args.max_drop <= 100:
+                from tfkd.errors import ConfigError
+
+                raise ConfigError(f"--max-drop {args.max_drop}: expected points of top-1 from 0 to 100")
+            from tfkd import deploy_bench
+
+            deploy_bench.run(args)  # every step is a process of its own
+            return 0
         if args.command != "accuracy":  # accuracy runs each job as its own tfkd.train process
             cli.import_tensorflow()
         {"accuracy": accuracy, "pipeline": pipeline, "speed": speed}[args.command](args)

@@ -248,7 +248,8 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
         model = tfmot.sparsity.keras.strip_pruning(model)
     reference = export.deployable(student, info["mean"], info["std"])
     calibration = data.sample("train", representative, seed=0)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as scratch:
+    out.parent.mkdir(parents=True, exist_ok=True)  # the finished folder is moved into place there
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         saved = Path(scratch) / "saved_model"
         save_deployable(model, info["mean"], info["std"], saved)
         tflite = quantize.legacy_tflite(saved, "int8", calibration)

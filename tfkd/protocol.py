@@ -456,7 +456,8 @@ def execute(pending: list[Job], launch: Callable[[Job], None], parallel: int = 1
 
 def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: str,
                  launch: Callable[[Job], None] | None = None,
-                 report_jobs: list[Job] | None = None, parallel: int = 1) -> dict[str, Any]:
+                 report_jobs: list[Job] | None = None, parallel: int = 1,
+                 name: str = "results") -> dict[str, Any]:
     """Runs every unfinished job (finished ones are cached), ``parallel`` at a time, then writes
     the report of ``report_jobs`` (default: the jobs run; pass the whole protocol's so that
     running a subset with ``--only`` still reports every finished run). Side by side, each run
@@ -481,7 +482,7 @@ def run_protocol(protocol: Protocol, out: Path, job_list: list[Job], command: st
             launch = _launch
     with tqdm(total=len(pending), desc=protocol.name, unit="run", disable=not pending) as bar:
         execute(pending, launch, parallel, progress=lambda: bar.update(1))
-    return report(protocol, out, report_jobs or job_list, command)
+    return report(protocol, out, report_jobs or job_list, command, name)
 
 
 def machine() -> dict[str, Any]:
@@ -602,8 +603,10 @@ def _comparisons(protocol: Protocol, runs: dict[str, Any], correct: dict[str, di
     return ratios
 
 
-def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> dict[str, Any]:
-    """Collects the finished runs into results.json, results.md and results.png in ``out``.
+def report(protocol: Protocol, out: Path, job_list: list[Job], command: str,
+           name: str = "results") -> dict[str, Any]:
+    """Collects the finished runs into results.json, results.md and results.png in ``out``
+    (``name``.json, ... with another ``name``).
 
     Every row gets mean ± std over its seeds and its gain over the student alone; where the
     runs saved their per-image test predictions, also its paired difference to ``kd`` and to
@@ -667,9 +670,9 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str) -> 
                            "resamples): seeds drawn with replacement, then each seed's test images; "
                            "both runs scored on the same draw",
     }
-    io.write_json(out / "results.json", results)
-    io.write_text(out / "results.md", markdown(results))
-    plot(results, out / "results.png")
+    io.write_json(out / f"{name}.json", results)
+    io.write_text(out / f"{name}.md", markdown(results))
+    plot(results, out / f"{name}.png")
     return results
 
 
