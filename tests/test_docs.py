@@ -14,7 +14,7 @@ README = (REPO / "README.md").read_text()
 
 @pytest.mark.parametrize("command", [["tfkd.train"], ["tfkd.export"], ["tfkd.compress"],
                                      ["tfkd.bench", "accuracy"], ["tfkd.bench", "speed"],
-                                     ["tfkd.bench", "pipeline"]])
+                                     ["tfkd.bench", "pipeline"], ["tfkd.bench", "deploy"]])
 def test_readme_names_every_flag_of_every_command(command):
     result = subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
                             timeout=120, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": ""})

@@ -65,7 +65,10 @@ def fast(argv: list[str]) -> list[str]:
         return {"accuracy": ["--epochs", "1", "--only", "student", "--seeds", "0", "--set", "data.subset=0.02"],
                 "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
                           "--latency-runs", "0"],
-                "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"]}[argv[3]]
+                "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"],
+                "deploy": ["--epochs", "1", "--set", "data.subset=0.01", "--set", "data.image_size=32",
+                           "--formats", "fp32,int8", "--qat-epochs", "0", "--timing-runs", "3",
+                           "--max-test-images", "20", "--latency-runs", "2"]}[argv[3]]
     return []
 
 
@@ -114,13 +117,18 @@ def test_every_readme_command_runs_as_written(tmp_path, cifar10_dir, teachers_di
         command = re.sub("|".join(re.escape(p) for p in PLACEHOLDERS), str(cifar10_dir), command)
         command = command.replace(TEACHERS, str(teachers_dir)).replace("folder:/data/", "folder:data/")
         argv = shlex.split(command)
+        assigned = {}  # VAR=VALUE before the command: its environment
+        while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):
+            key, value = argv.pop(0).split("=", 1)
+            assigned[key] = value
         argv = [*argv, *fast(argv)]
         if argv[0] == "python":
             argv[0] = sys.executable
             if argv[1].startswith("export/"):
                 argv[1] = str(REPO / argv[1])
         start = time.perf_counter()
-        result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(argv, cwd=tmp_path, env={**env, **assigned}, capture_output=True,
+                                text=True, timeout=900)
         print(f"{time.perf_counter() - start:6.1f} s  {command[:100]}")
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         ran.append(command)
