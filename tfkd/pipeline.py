@@ -130,7 +130,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     test = model.evaluate(data.eval_dataset("test", batch), verbose=0, return_dict=True) \
         if cfg.data.evaluate_test else {}
     if cfg.data.evaluate_test:  # per-image predictions: paired comparisons of runs (tfkd.bench)
-        logits = model.predict(data.eval_dataset("test", batch).map(lambda x, y: x), verbose=0)["logits"]
+        logits = predict_logits(model, data.eval_dataset("test", batch))
         from tfkd import io
 
         with io.atomic_path(out_dir / "test_predictions.npz") as tmp:
@@ -143,6 +143,17 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     if recalibration:
         record["precise_bn"] = recalibration[0].record
     return history, val, test, record
+
+
+def predict_logits(model: Any, dataset: Any) -> np.ndarray:
+    """The logits of ``model`` (a model returning ``{"logits", ...}``) on every batch of
+    ``dataset`` ((images, labels) batches), in order. Only the logits are kept: ``predict``
+    would gather every output, and a teacher's reconstructions and feature maps of 10,000 test
+    images at 96 px are gigabytes."""
+    import tensorflow as tf
+
+    step = tf.function(lambda x: model(x, training=False)["logits"])
+    return np.concatenate([np.asarray(step(x)) for x, _ in dataset], axis=0)
 
 
 def _judge(what: str, history: dict[str, list[float]], val: dict[str, Any], test: dict[str, Any],
@@ -255,7 +266,7 @@ def _accuracies(model: Any, data: Any, batch: int) -> dict[str, float]:
     for split in ("val", "test"):
         labels = data.labels(split)
         if len(labels):
-            logits = model.predict(data.eval_dataset(split, batch).map(lambda x, y: x), verbose=0)["logits"]
+            logits = predict_logits(model, data.eval_dataset(split, batch))
             found[f"init_{split}_accuracy"] = float(np.mean(np.argmax(logits, 1) == labels))
     return found
 
@@ -464,7 +475,7 @@ def _teacher_accuracies(paths: Sequence[str | Path], teachers: Sequence[Any], da
         if not len(labels):
             found.append({"top1": None, "warnings": []})
             continue
-        logits = teacher.predict(data.eval_dataset(split, batch).map(lambda x, y: x), verbose=0)["logits"]
+        logits = predict_logits(teacher, data.eval_dataset(split, batch))
         top1 = float(np.mean(np.argmax(logits, 1) == labels))
         warnings = [] if role == "autoencoder" else health.accuracy_warnings(
             f"the teacher {path}", top1, labels, "validation" if split == "val" else "test")
