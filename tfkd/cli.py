@@ -101,6 +101,23 @@ def positive_float(text: str) -> float:
     return value
 
 
+#: What ``points_or_none`` returns for ``none``: the flag's check is turned off.
+NONE = "none"
+
+
+def points_or_none(text: str) -> float | str:
+    """argparse type: points of top-1 from 0 to 100, or ``none`` (returned as ``NONE``)."""
+    if text.strip().lower() == NONE:
+        return NONE
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected points of top-1 from 0 to 100, or none") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text}: expected points of top-1 from 0 to 100, or none")
+    return value
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with errors on one line prefixed like every other tfkd error (exit code 2)."""
 

@@ -678,10 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-test-images", type=cli.non_negative_int,
                         help="verify on the first N test images only (default: all)")
     parser.add_argument("--latency-runs", type=cli.positive_int, help="timed batch-1 calls per format (default 50)")
-    parser.add_argument("--max-drop", type=float, metavar="PT",
+    parser.add_argument("--max-drop", type=cli.points_or_none, metavar="PT",
                         help="accuracy budget: points of validation top-1 a quantized format may lose "
                              "against the float model; one that loses more keeps its noisiest ops in "
-                             "float until it holds, else it is written and flagged (default 1.0)")
+                             "float until it holds, else it is written and flagged; none: every op quantized, "
+                             "nothing checked (default 1.0)")
     parser.add_argument("--max-val-images", type=cli.non_negative_int,
                         help="score the budget on the first N validation images (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="export.KEY=VALUE",
@@ -694,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> Any:
     """The ``ExportConfig`` of the command line: defaults, then ``--set export.*`` items, then
     the flags. Raises ``ConfigError`` (exit 2) naming a bad key or value."""
-    from tfkd import config as config_lib
+    from tfkd import cli, config as config_lib
     from tfkd.errors import ConfigError
 
     for item in args.set:
@@ -706,7 +707,10 @@ def settings_from_args(args: argparse.Namespace) -> Any:
              "latency_runs": args.latency_runs, "max_drop": args.max_drop,
              "max_val_images": args.max_val_images}
     formats = None if args.formats is None else [f.strip() for f in args.formats.split(",") if f.strip()]
-    settings = settings_of(settings, formats, **{k: v for k, v in flags.items() if v is not None})
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if args.max_drop == cli.NONE:
+        changes["max_drop"] = None
+    settings = settings_of(settings, formats, **changes)
     check_options(settings)
     return settings
 
