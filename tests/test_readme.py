@@ -66,7 +66,7 @@ def fast(argv: list[str]) -> list[str]:
                 "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
                           "--latency-runs", "0"],
                 "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"],
-                "deploy": ["--epochs", "1", "--set", "data.subset=0.01", "--set", "data.image_size=32",
+                "deploy": ["--only", "student", "--epochs", "1", "--set", "data.subset=0.01", "--set", "data.image_size=32",
                            "--formats", "fp32,int8", "--qat-epochs", "0", "--timing-runs", "3",
                            "--max-test-images", "20", "--latency-runs", "2"]}[argv[3]]
     return []
@@ -152,9 +152,17 @@ def check_yours(cwd: Path) -> None:
     with a uint8 full-integer model."""
     import json
 
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
     card = json.loads((cwd / "artifacts/f1/model_card.json").read_text())
     assert card["model"] == "keras_MobileNetV3Small" and card["input"]["shape"] == [None, 224, 224, 3]
+    assert card["preprocessing"] == {"resize": "center_crop", "size": 224, "crop_fraction": 0.875}
     assert card["int8_io"] == "uint8" and card["formats"]["fp32"]["within_tolerance"] is True
+    assert card["formats"]["onnx"]["within_tolerance"] is True
+    runner = Interpreter(model_path=str(cwd / "artifacts/f1/model_int8.tflite")).get_signature_runner("serving_default")
+    assert runner.get_input_details()["images"]["dtype"] == np.uint8  # full integer, for an NPU
+    assert runner.get_output_details()["logits"]["dtype"] == np.uint8
 
 
 def check_main(cwd: Path) -> None:

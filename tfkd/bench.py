@@ -401,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teachers-dir", help="folder of the PyTorch checkpoints a protocol imports")
     p.add_argument("--out", help="output folder (default: benchmarks/results/deploy)")
     p.add_argument("--epochs", type=cli.positive_int, help="epochs of every teacher and student run")
+    p.add_argument("--only", nargs="+", metavar="RUN",
+                   help="train, export and report only these runs of the protocol (and their teachers)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="PT",

@@ -154,7 +154,7 @@ def run(args: Any) -> dict[str, Any]:
 
     protocol = protocol_lib.load(args.protocol)
     out = Path(args.out or Path("benchmarks") / "results" / "deploy")
-    job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, None, None, args.set, False,
+    job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, None, args.only, args.set, False,
                                  args.teachers_dir)
     command = "python -m tfkd.bench " + shlex.join(portable(args.argv))
     training = protocol_lib.run_protocol(protocol, out, job_list, command, name="training")
