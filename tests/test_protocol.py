@@ -102,15 +102,6 @@ def test_anchor_protocol_scales_dkds_warmup_to_its_schedule(tmp_path):
     assert dkd.student.epochs == 8
 
 
-def test_step_schedule_decays_at_the_milestones():
-    from tfkd import config, pipeline
-
-    opt = config.OptimizerConfig(learning_rate=0.1, schedule="step", milestones=[2, 3], decay_rate=0.1)
-    schedule = pipeline._learning_rate(opt, batch_size=64, steps_per_epoch=10, epochs=4)
-    rates = [float(schedule(step)) for step in (0, 19, 21, 31)]
-    assert rates == pytest.approx([0.05, 0.05, 0.005, 0.0005])
-
-
 @pytest.mark.parametrize("text, match", [
     ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {student: {method: student}}\n"
      "colour: red\n", "unknown key 'colour'"),

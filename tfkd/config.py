@@ -77,14 +77,23 @@ class DataConfig:
                                        "while tuning on the validation split")
 
 
+#: ``*.optimizer.weight_decay_mode``: L2 in the gradient (PyTorch's SGD), or Keras's decoupled decay.
+WEIGHT_DECAY_MODES = ("coupled", "decoupled")
+
+
 @dataclass
 class OptimizerConfig:
     """An SGD optimizer and its learning-rate schedule (``*.optimizer.*``)."""
 
     learning_rate: float = option(0.1, "SGD learning rate at batch size 128; scaled linearly with "
                                        "the global batch size")
-    momentum: float = option(0.9, "SGD Nesterov momentum")
-    weight_decay: float = option(5e-4, "decoupled weight decay")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(True, "Nesterov momentum")
+    weight_decay: float = option(5e-4, "weight decay (see weight_decay_mode)")
+    weight_decay_mode: str = option("coupled", "coupled: L2 in the gradient (wd * w added before "
+                                               "momentum), as PyTorch's SGD and the field's published "
+                                               "recipes; decoupled: Keras's SGD weight_decay (w -= "
+                                               "lr * wd * w each step), about 10x weaker at momentum 0.9")
     schedule: str = option("cosine", "learning-rate schedule: cosine, step (multiplied by "
                                      "decay_rate at each milestone epoch) or constant")
     milestones: List[int] = option([150, 180, 210], "step schedule: epochs where the rate decays")
@@ -496,6 +505,8 @@ def validate(config: RunConfig) -> None:
         _check(opt.learning_rate > 0, f"{name}.optimizer.learning_rate", opt.learning_rate, "> 0")
         _check(0 <= opt.momentum < 1, f"{name}.optimizer.momentum", opt.momentum, "in [0, 1)")
         _check(opt.weight_decay >= 0, f"{name}.optimizer.weight_decay", opt.weight_decay, ">= 0")
+        _check(opt.weight_decay_mode in WEIGHT_DECAY_MODES, f"{name}.optimizer.weight_decay_mode",
+               opt.weight_decay_mode, " or ".join(WEIGHT_DECAY_MODES))
         _check(opt.schedule in ("cosine", "step", "constant"), f"{name}.optimizer.schedule",
                opt.schedule, "cosine, step or constant")
         _check(0 < opt.decay_rate <= 1, f"{name}.optimizer.decay_rate", opt.decay_rate, "in (0, 1]")

@@ -5,7 +5,7 @@ needs (one reconstruction-augmented teacher; for ``mktn`` Teacher1, an autoencod
 Teacher2, a plain classifier), ``distill`` trains the student with the method's loss terms,
 ``export`` writes and verifies the student's edge formats in ``export/``; ``all`` runs the three.
 ``python -m tfkd.train`` and the notebooks call it; ``tfkd.compress`` and ``tfkd.bench`` reuse
-its teacher loading and optimizers.
+its teacher loading.
 
 Run directory layout (every file written atomically):
 
@@ -53,30 +53,6 @@ def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
     stages = previous.get("stages", {})
     stages[stage] = metrics
     io.write_json(path, {"stage": stage, **(headline or metrics), "stages": stages})
-
-
-def _learning_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int,
-                   epochs: int) -> Any:
-    """The configured schedule, the base rate scaled linearly from batch 128 to ``batch_size``."""
-    import keras
-
-    lr = opt.learning_rate * batch_size / 128
-    if opt.schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(steps_per_epoch * epochs, 1))
-    if opt.schedule == "step":
-        milestones = [m for m in opt.milestones if m < epochs]
-        return keras.optimizers.schedules.PiecewiseConstantDecay(
-            [m * steps_per_epoch for m in milestones],
-            [lr * opt.decay_rate ** i for i in range(len(milestones) + 1)]) if milestones else lr
-    return lr
-
-
-def _sgd(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int) -> Any:
-    import keras
-
-    return keras.optimizers.SGD(_learning_rate(opt, batch_size, steps_per_epoch, epochs),
-                                momentum=opt.momentum,
-                                nesterov=True, weight_decay=opt.weight_decay or None)
 
 
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
@@ -175,27 +151,6 @@ def _judge(what: str, history: dict[str, list[float]], val: dict[str, Any], test
     return health.accuracy_warnings(what, top1, labels, split, train_top1)
 
 
-def _scaled_rate(opt: config_lib.OptimizerConfig, batch_size: int, steps_per_epoch: int, epochs: int,
-                 scale: float, frozen_steps: int) -> Any:
-    """The optimizer's schedule times ``scale``, and 0 for the first ``frozen_steps`` steps (a
-    zero rate is an exact no-op for SGD: Keras scales momentum updates and weight decay by it)."""
-    from tfkd.callbacks import ScaledSchedule
-
-    return ScaledSchedule(_learning_rate(opt, batch_size, steps_per_epoch, epochs), scale, frozen_steps)
-
-
-def _backbone_sgd(section: Any, batch_size: int, steps_per_epoch: int) -> Any:
-    """The optimizer of a pretrained body (``teacher``/``student`` section): the section's SGD
-    at ``backbone_lr_scale`` times its rate, and still for its first ``freeze_epochs``."""
-    import keras
-
-    opt = section.optimizer
-    rate = _scaled_rate(opt, batch_size, steps_per_epoch, section.epochs, section.backbone_lr_scale,
-                        section.freeze_epochs * steps_per_epoch)
-    return keras.optimizers.SGD(rate, momentum=opt.momentum, nesterov=True,
-                                weight_decay=opt.weight_decay or None)
-
-
 def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: Path,
                   name: str = "teacher", lambda_cls: float | None = None,
                   lambda_rec: float | None = None) -> dict[str, Any]:
@@ -206,7 +161,7 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     and only the decoder starts fresh; the backbone then has an optimizer of its own, at
     ``teacher.backbone_lr_scale`` times the rate and still for ``teacher.freeze_epochs``.
     """
-    from tfkd import callbacks, io, models, precision
+    from tfkd import callbacks, io, models, optimizers, precision
     from tfkd.teacher import ReconstructionTeacher
 
     tcfg, batch = cfg.teacher, cfg.data.batch_size
@@ -233,9 +188,9 @@ def train_teacher(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
         teacher = ReconstructionTeacher(backbone, lambda_cls=lambda_cls, lambda_rec=lambda_rec,
                                         pixel_mean=data.mean.tolist(), pixel_std=data.std.tolist(),
                                         head_layers=fresh_head, name=name)
-        optimizer = _sgd(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs)
+        optimizer = optimizers.stage_sgd(tcfg.optimizer, batch, steps_per_epoch, tcfg.epochs)
         separate = bool(tcfg.init_from) or tcfg.backbone_lr_scale != 1.0 or tcfg.freeze_epochs > 0
-        backbone_optimizer = _backbone_sgd(tcfg, batch, steps_per_epoch) if separate else None
+        backbone_optimizer = optimizers.backbone_sgd(tcfg, batch, steps_per_epoch) if separate else None
         teacher.compile(optimizer=optimizer, backbone_optimizer=backbone_optimizer)
         teacher(data.normalize(data.sample("train", 2)))  # build, so a backup can be restored
         teacher.build_optimizers()
@@ -421,7 +376,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                   teacher_paths: Sequence[str | Path], teachers: Sequence[Any] | None = None) -> dict[str, Any]:
     """Distills the student with the configured method; saves ``student.keras``; returns metrics.
     ``teachers`` are the loaded ``teacher_paths`` when the caller has them already."""
-    from tfkd import io, models, precision
+    from tfkd import io, models, optimizers, precision
 
     dcfg, scfg, batch = cfg.distill, cfg.student, cfg.data.batch_size
     start = time.perf_counter()
@@ -433,10 +388,10 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
                              layers=cfg.distill.student_layers)
         steps_per_epoch = data.steps_per_epoch(batch)
         distiller = build_distiller(cfg, student, teachers, steps_per_epoch, lambda: data.train_labels)
-        optimizer = _sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
+        optimizer = optimizers.stage_sgd(scfg.optimizer, batch, steps_per_epoch, scfg.epochs)
         separate = scfg.backbone_lr_scale != 1.0 or scfg.freeze_epochs > 0
         distiller.compile(optimizer=optimizer,  # a term with an optimizer of its own built it
-                          backbone_optimizer=_backbone_sgd(scfg, batch, steps_per_epoch) if separate else None)
+                          backbone_optimizer=optimizers.backbone_sgd(scfg, batch, steps_per_epoch) if separate else None)
         distiller.build_all()
     teacher_top1 = _teacher_accuracies(teacher_paths, teachers, data, batch, dcfg.method)
     history, val, test, timing = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],

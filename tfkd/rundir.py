@@ -285,15 +285,25 @@ def recorded_settings(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] 
     return flat
 
 
+#: Options added since runs were recorded whose default is not what those runs did: a record
+#: without the key is compared as holding this value (by the key's ending), so that a changed
+#: default never resumes or reuses such a run as if nothing had changed.
+BEFORE_THE_OPTION = {"optimizer.weight_decay_mode": "decoupled", "optimizer.nesterov": True}
+
+
 def differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
     """``key: then -> now`` for every setting whose recorded value differs from ``now`` (keys the
-    record lacks, options added since, are not compared)."""
+    record lacks, options added since, are not compared, except those of ``BEFORE_THE_OPTION``)."""
     if recorded is None:
         return []
     found = []
+    absent = object()
     for key in sorted(now):
-        if key in recorded and not _same(recorded[key], now[key]):
-            found.append(f"{key}: {_show(recorded[key])} there, {_show(now[key])} now")
+        then = recorded.get(key, absent)
+        if then is absent:
+            then = next((v for end, v in BEFORE_THE_OPTION.items() if key.endswith(end)), absent)
+        if then is not absent and not _same(then, now[key]):
+            found.append(f"{key}: {_show(then)} there, {_show(now[key])} now")
     return found
 
 
