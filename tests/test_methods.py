@@ -124,21 +124,46 @@ def test_ofd_partial_l2_matches_numpy():
     np.testing.assert_allclose(float(ofd.partial_l2(source, target, margin)), np.abs(loss).mean(0).sum(), rtol=1e-5)
 
 
-def test_reviewkd_hierarchical_context_loss_matches_numpy():
-    fs, ft = arrays((2, 8, 8, 3), (2, 8, 8, 3), seed=4)
+def _adaptive_pool_numpy(x, out):
+    """PyTorch's adaptive_avg_pool2d (NHWC): bin i spans floor(i*H/out) to ceil((i+1)*H/out)."""
+    n, h, w, c = x.shape
+    result = np.zeros((n, out, out, c))
+    for i in range(out):
+        for j in range(out):
+            rows = slice(int(np.floor(i * h / out)), int(np.ceil((i + 1) * h / out)))
+            cols = slice(int(np.floor(j * w / out)), int(np.ceil((j + 1) * w / out)))
+            result[:, i, j] = x[:, rows, cols].mean((1, 2))
+    return result
 
-    def pool(x, size):
-        n, h, w, c = x.shape
-        return x.reshape(n, size, h // size, size, w // size, c).mean((2, 4))
 
-    loss, weight, norm_ = ((fs - ft) ** 2).mean(), 1.0, 1.0
-    for level in (4, 2, 1):
-        weight /= 2
-        loss += ((pool(fs, level) - pool(ft, level)) ** 2).mean() * weight
-        norm_ += weight
-    one, two = arrays((2, 1, 1, 3), (2, 1, 1, 3), seed=5)
-    expected = loss / norm_ + ((one - two) ** 2).mean()  # a 1x1 level has no pyramid
-    np.testing.assert_allclose(float(reviewkd.hcl([fs, one], [ft, two])), expected, rtol=1e-5)
+def _hcl_numpy(student, teacher):
+    total = 0.0
+    for fs, ft in zip(student, teacher):
+        loss, weight, norm_ = ((fs - ft) ** 2).mean(), 1.0, 1.0
+        for level in (4, 2, 1):
+            if level >= fs.shape[1]:
+                continue
+            weight /= 2
+            loss += ((_adaptive_pool_numpy(fs, level) - _adaptive_pool_numpy(ft, level)) ** 2).mean() * weight
+            norm_ += weight
+        total += loss / norm_
+    return total
+
+
+@pytest.mark.parametrize("sizes, batch", [((32, 16, 8), 2), ((14, 7), 3), ((6, 3), 5), ((7, 2), 1)])
+def test_reviewkd_hierarchical_context_loss_matches_numpy_at_any_map_size(sizes, batch):
+    """CIFAR's 32/16/8 maps, a 224-px student's 14/7, and 6, 3 and 2: sizes the 4x4 and 2x2
+    pools do not divide, where the authors' adaptive bins overlap."""
+    shapes = [(batch, s, s, 3) for s in sizes] + [(batch, 1, 1, 3)]  # the pooled feature: no pyramid
+    student = arrays(*shapes, seed=4)
+    teacher = arrays(*shapes, seed=5)
+    np.testing.assert_allclose(float(reviewkd.hcl(student, teacher)), _hcl_numpy(student, teacher), rtol=1e-5)
+
+
+def test_adaptive_pooling_bins_overlap_like_pytorchs():
+    x = np.arange(7, dtype=np.float32).reshape(1, 7, 1, 1) * np.ones((1, 1, 7, 1), np.float32)
+    pooled = np.asarray(reviewkd.adaptive_average_pool(x, 4))[0, :, 0, 0]
+    np.testing.assert_allclose(pooled, [0.5, 2.0, 4.0, 5.5])  # rows 0-1, 1-3, 3-5, 5-6
 
 
 def test_crd_nce_loss_matches_numpy():

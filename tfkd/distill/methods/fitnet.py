@@ -1,5 +1,6 @@
 """``fitnet``: Romero et al. 2015, CE + w * MSE(ConvBlock(student middle stage), teacher middle
-stage), w = 100 (RepDistiller's hint weight)."""
+stage), w = 100 (RepDistiller's hint weight). The regressor is conv + BN + ReLU, RepDistiller's
+and mdistiller's ``ConvReg``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class Options:
     """``distill.fitnet.*``"""
 
     weight: float = option(100.0, "hint-loss weight (RepDistiller's)", **non_negative())
-    adapter_relu: bool = option(False, "end the ConvBlock adapter with a ReLU")
+    adapter_relu: bool = option(True, "end the ConvBlock adapter with a ReLU (the authors' ConvReg; "
+                                      "false: conv + BN only)")
 
 
 class Hint(Term):

@@ -7,7 +7,8 @@ attention-based fusion (ABF) modules: each maps its stage with a 1x1 conv + BN t
 its size through two sigmoid attention maps, and returns a 3x3 conv + BN of the result at the
 teacher stage's size and width. The hierarchical context loss (HCL) compares each output with the
 teacher's pre-ReLU stage output (its pooled feature for the last): the MSE, plus the MSE of 4x4,
-2x2 and 1x1 average pools with weights 1/2, 1/4, 1/8, normalized by their sum. The weight 5 is
+2x2 and 1x1 adaptive average pools (PyTorch's bins, so any map size) with weights 1/2, 1/4, 1/8,
+normalized by their sum. The weight 5 is
 mdistiller's CIFAR setting; the term warms up linearly over 20 epochs.
 """
 
@@ -34,20 +35,43 @@ class Options:
     max_mid_channels: int = option(512, "largest width of the fusion modules", lambda v: v >= 1, ">= 1")
 
 
+def pooling_matrix(size: int, out: int) -> Any:
+    """``(out, size)`` weights of adaptive average pooling along one axis, as PyTorch's
+    ``adaptive_avg_pool2d`` bins it: output ``i`` averages inputs ``floor(i * size / out)`` to
+    ``ceil((i + 1) * size / out)`` (exclusive); bins overlap when ``out`` does not divide ``size``."""
+    import numpy as np
+
+    matrix = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def adaptive_average_pool(x: Any, out: int) -> Any:
+    """``x`` (NHWC) average-pooled to ``out x out`` with PyTorch's adaptive bins, for any map size
+    (14x14, 7x7 or 6x6 maps of a 224-px student as CIFAR's 32/16/8)."""
+    from keras import ops
+
+    rows = ops.convert_to_tensor(pooling_matrix(int(x.shape[1]), out), x.dtype)
+    cols = ops.convert_to_tensor(pooling_matrix(int(x.shape[2]), out), x.dtype)
+    return ops.einsum("ih,nhwc,jw->nijc", rows, x, cols)
+
+
 def hcl(student: list[Any], teacher: list[Any]) -> Any:
-    """The hierarchical context loss summed over levels."""
+    """The hierarchical context loss summed over levels: per pair, the MSE plus the MSE of the
+    4x4, 2x2 and 1x1 adaptive average pools (levels at least the map's height skipped) with weights
+    1/2, 1/4, 1/8, over the sum of the weights used (the authors' ``hcl``)."""
     from keras import ops
 
     total = 0.0
     for fs, ft in zip(student, teacher):
-        size = int(fs.shape[1])
         loss, weight, norm = ops.mean(ops.square(fs - ft)), 1.0, 1.0
         for level in (4, 2, 1):
-            if level >= size:
+            if level >= int(fs.shape[1]):
                 continue
             weight /= 2.0
-            pool = lambda x: ops.average_pool(x, size // level, size // level)  # noqa: E731
-            loss = loss + ops.mean(ops.square(pool(fs) - pool(ft))) * weight
+            loss = loss + ops.mean(ops.square(adaptive_average_pool(fs, level) - adaptive_average_pool(ft, level))) * weight
             norm += weight
         total = total + loss / norm
     return total
