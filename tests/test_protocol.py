@@ -100,6 +100,7 @@ def test_anchor_protocol_scales_dkds_warmup_to_its_schedule(tmp_path):
     dkd = _configs("cifar10-anchor", tmp_path)[("dkd", "resnet8", 0)]
     assert dkd.distill.dkd.warmup_epochs == pytest.approx(20 / 240 * dkd.student.epochs, abs=1e-3)
     assert dkd.student.epochs == 8
+    assert dkd.distill.dkd.beta == 2.0  # the authors' beta for a resnet56 teacher (8: resnet32x4)
 
 
 @pytest.mark.parametrize("text, match", [

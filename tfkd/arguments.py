@@ -28,6 +28,9 @@ FLAGS = {
     "--epochs": ("epochs", "training epochs of every stage that trains"),
     "--batch-size": ("data.batch_size", "global batch size"),
     "--run-dir": ("run_dir", "output folder; re-running the same command resumes there"),
+    "--recipe": ("recipe", "a named training recipe (mdistiller-cifar100: the field's CIFAR-100 "
+                           "schedule and per-pair settings); the config file, --set and the other "
+                           "flags win over it"),
     "--strategy": ("strategy", "tf.distribute strategy: auto, default, mirrored, multiworker"),
     "--seed": ("seed", "random seed"),
     "--deterministic": ("deterministic", "deterministic ops: two runs with the same --seed write "

@@ -79,6 +79,41 @@ class PreciseBatchNorm(keras.callbacks.Callback):
                        "val_accuracy_before": None if before is None else float(before)}
 
 
+class TestEveryEpoch(keras.callbacks.Callback):
+    """Evaluates the model on ``dataset`` (the test split) after every epoch and adds its metrics
+    to the epoch's logs as ``test_<metric>``, so the CSV log and the history hold them (list it
+    before the ``CSVLogger``). The published tables that report a best epoch select on these."""
+
+    def __init__(self, dataset: Any) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            results = self.model.evaluate(self.dataset, verbose=0, return_dict=True)
+            logs.update({f"test_{key}": float(value) for key, value in results.items()})
+
+
+def best_epoch(csv_log: Path, key: str = "test_accuracy") -> dict[str, Any] | None:
+    """The epoch (0-based, as logged) with the highest ``key`` in a ``CSVLogger`` file, across
+    resumes (a re-logged epoch counts once, its last row): ``{"epoch", key}``, or None."""
+    import csv
+
+    if not Path(csv_log).is_file():
+        return None
+    by_epoch: dict[int, float] = {}
+    with open(csv_log, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                by_epoch[int(row["epoch"])] = float(row[key])
+            except (KeyError, TypeError, ValueError):
+                continue
+    if not by_epoch:
+        return None
+    epoch = max(sorted(by_epoch), key=lambda e: by_epoch[e])
+    return {"epoch": epoch, key: by_epoch[epoch]}
+
+
 class ThroughputMeter(keras.callbacks.Callback):
     """Measures training images per second, excluding validation and the first epoch
     (which includes graph tracing) whenever there is more than one epoch."""

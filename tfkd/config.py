@@ -75,6 +75,10 @@ class DataConfig:
     shuffle_buffer: int = option(0, "shuffle buffer in examples; 0: the whole training split")
     evaluate_test: bool = option(True, "evaluate on the test split at the end of training; off "
                                        "while tuning on the validation split")
+    test_every_epoch: bool = option(False, "evaluate on the test split after every epoch too, and "
+                                           "report the best epoch's test top-1 beside the last "
+                                           "(the convention of tables that report the best epoch: "
+                                           "it selects on test)")
 
 
 #: ``*.optimizer.weight_decay_mode``: L2 in the gradient (PyTorch's SGD), or Keras's decoupled decay.
@@ -232,6 +236,8 @@ class RunConfig:
                                "(the student), export (the student to edge formats), or all "
                                "(every stage in turn)")
     run_dir: str = option("runs/default", "output folder; re-running the same command resumes")
+    recipe: str = option("", "a named training recipe under every other setting (tfkd.recipes: "
+                             "mdistiller-cifar100); empty: none")
     seed: int = option(0, "random seed (weights, validation split, shuffling, augmentation)")
     strategy: str = option("auto", "tf.distribute strategy: auto (multiworker when TF_CONFIG is "
                                    "set, mirrored on several GPUs, else default), default, "
@@ -406,17 +412,35 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
         layer = OmegaConf.create()
         OmegaConf.update(layer, key, value, force_add=True)
         layers.append((f"--{key.split('.')[-1].replace('_', '-')}", layer))
-    for source, layer in layers:
-        try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as error:
-            raise _config_error(error, source) from None
+    merged = _merged(merged, layers)
+    if merged.recipe:  # under everything the user gave, which the recipe's choice depends on
+        merged = _merged(OmegaConf.structured(RunConfig), [_recipe_layer(merged), *layers])
     try:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise _config_error(error, "config") from None
     validate(config)
     return config
+
+
+def _merged(merged: Any, layers: list[tuple[str, Any]]) -> Any:
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as error:
+            raise _config_error(error, source) from None
+    return merged
+
+
+def _recipe_layer(merged: Any) -> tuple[str, Any]:
+    """The recipe of ``merged`` (``recipe``) as a config layer for its teacher/student pair."""
+    from tfkd import recipes
+
+    settings = recipes.get(merged.recipe).settings(merged.teacher.model, merged.student.model)
+    layer = OmegaConf.create()
+    for key, value in {"recipe": merged.recipe, **settings}.items():
+        OmegaConf.update(layer, key, value, force_add=True)
+    return f"recipe {merged.recipe}", layer
 
 
 def _check(condition: bool, key: str, value: Any, expected: str) -> None:

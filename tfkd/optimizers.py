@@ -34,6 +34,7 @@ class CoupledSGD(keras.optimizers.SGD):
         self.l2 = float(l2)
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """SGD's step on ``gradient + l2 * variable``."""
         if self.l2:
             from keras import ops
 

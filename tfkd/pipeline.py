@@ -94,6 +94,7 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
             train_data=train_ds),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
+        *([callbacks.TestEveryEpoch(data.eval_dataset("test", batch))] if cfg.data.test_every_epoch else []),
         keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
         meter, *recalibration, *extra_callbacks,  # the statistics first: pictures show the kept model
@@ -118,6 +119,10 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     record: dict[str, Any] = {"train_images_per_second": meter.images_per_second, "epochs_seconds": clock.total}
     if recalibration:
         record["precise_bn"] = recalibration[0].record
+    if cfg.data.test_every_epoch:  # the best epoch (its moving statistics), across resumes
+        best = callbacks.best_epoch(out_dir / f"{stage}_log.csv")
+        record["best_epoch"] = None if best is None else best["epoch"] + 1
+        record["best_epoch_test_accuracy"] = None if best is None else best["test_accuracy"]
     return history, val, test, record
 
 
