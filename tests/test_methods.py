@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfkd import config, losses, models
 from tfkd.distill import from_config, methods, resolve
-from tfkd.distill.methods import RunInfo, crd, dist, dkd, ofd, reviewkd
+from tfkd.distill.methods import RunInfo, crd, ctkd, dist, dkd, nkd, ofd, reviewkd, wttm
 from tfkd.errors import ConfigError
 
 pytestmark = pytest.mark.xdist_group("methods")
@@ -166,6 +166,73 @@ def test_adaptive_pooling_bins_overlap_like_pytorchs():
     np.testing.assert_allclose(pooled, [0.5, 2.0, 4.0, 5.5])  # rows 0-1, 1-3, 3-5, 5-6
 
 
+@pytest.mark.parametrize("batch, classes, temperature, gamma", [(6, 10, 3.0, 3.5), (1, 100, 1.0, 1.5), (17, 5, 4.0, 1.0)])
+def test_nkd_loss_matches_numpy_with_the_target_column_removed(batch, classes, temperature, gamma):
+    """The authors' NKD: -p_t[y] log p_s[y] at T 1, then -gamma T^2 sum_k q_t log q_s over the
+    K - 1 non-target logits (the target column deleted, the rest re-softmaxed)."""
+    t, s = arrays((batch, classes), (batch, classes), seed=9, scale=3.0)
+    y = np.arange(batch) % classes
+    rows = np.arange(batch)
+    target = -(softmax(t)[rows, y] * np.log(softmax(s)[rows, y])).mean()
+    t_rest = np.stack([np.delete(t[i], y[i]) for i in rows])
+    s_rest = np.stack([np.delete(s[i], y[i]) for i in rows])
+    non_target = -gamma * temperature**2 * (softmax(t_rest / temperature)
+                                            * np.log(softmax(s_rest / temperature))).sum(-1).mean()
+    got = float(nkd.nkd_loss(t, s, y.astype(np.int32), temperature, gamma))
+    np.testing.assert_allclose(got, target + non_target, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch, classes, gamma", [(6, 10, 0.2), (1, 100, 0.1), (9, 5, 1.0)])
+def test_wttm_loss_matches_numpy(batch, classes, gamma):
+    """The authors' WTTM: p_t^gamma renormalized against the unscaled student, each example's
+    KL weighted by U = sum_k p_t^gamma; gamma 1 is plain KL at temperature 1."""
+    t, s = arrays((batch, classes), (batch, classes), seed=10, scale=3.0)
+    powered = softmax(t) ** gamma
+    u = powered.sum(-1)
+    q = powered / u[:, None]
+    expected = (u * (q * (np.log(q) - np.log(softmax(s)))).sum(-1)).mean()
+    np.testing.assert_allclose(float(wttm.wttm_loss(t, s, gamma)), expected, rtol=1e-5)
+
+
+def test_ctkd_curriculum_and_temperature_match_the_authors_formulas():
+    """lambda(e) = (cos(pi min(e, 10) / 10) + 1) / 2 (0 - (-1)) + (-1) at 1-based epochs; T =
+    1 + 20 sigmoid(g), g = 1 at first (T about 15.6); the KD term is T^2 KL at that T."""
+    steps_per_epoch = 7
+    for step in (0, 6, 7, 30, 69, 70, 500):
+        epoch = step // steps_per_epoch + 1
+        expected = (math.cos(math.pi * min(epoch, 10) / 10) + 1) / 2 * (0 - (-1)) + (-1)
+        got = float(ctkd.reversal_factor(tf.constant(step, tf.int64), steps_per_epoch, 10.0, 0.0, -1.0))
+        assert got == pytest.approx(expected, abs=1e-6), step
+    term = ctkd.CurriculumKD(0.9, ctkd.Options(), steps_per_epoch)
+    term.build(None)
+    t0 = 1 + 20 / (1 + math.exp(-1.0))
+    assert float(term.temperature_at(tf.constant(0, tf.int64))) == pytest.approx(t0, rel=1e-6)
+    t, s = arrays((5, 10), (5, 10), seed=11, scale=3.0)
+    pt, ps = softmax(t / t0), softmax(s / t0)
+    expected = t0**2 * (pt * (np.log(pt) - np.log(ps))).sum(-1).mean()
+    np.testing.assert_allclose(float(ctkd.kd_at(t, s, tf.constant(t0, tf.float32))), expected, rtol=1e-5)
+
+
+def test_ctkd_reverses_the_temperatures_gradient_by_lambda():
+    """The temperature's gradient is lambda times the loss's: at lambda -1 it climbs the loss."""
+    t, s = arrays((8, 10), (8, 10), seed=12, scale=3.0)
+    term = ctkd.CurriculumKD(0.9, ctkd.Options(), steps_per_epoch=1)
+    term.build(None)
+    g = term.parameter.value
+    grads = {}
+    for step in (0, 4, 20):  # epochs 1, 5, 21: lambda about -0.02, -0.65, -1
+        with tf.GradientTape() as tape:
+            loss = ctkd.kd_at(t, s, term.temperature_at(tf.constant(step, tf.int64)))
+        grads[step] = float(tape.gradient(loss, g))
+    with tf.GradientTape() as tape:  # the same loss without the reversal
+        plain = ctkd.kd_at(t, s, 1.0 + 20.0 * tf.sigmoid(g))
+    plain_grad = float(tape.gradient(plain, g))
+    for step, grad in grads.items():
+        factor = float(ctkd.reversal_factor(tf.constant(step, tf.int64), 1, 10.0, 0.0, -1.0))
+        assert grad == pytest.approx(factor * plain_grad, rel=1e-5)
+    assert grads[20] == pytest.approx(-plain_grad, rel=1e-5)
+
+
 def test_crd_nce_loss_matches_numpy():
     (scores,) = arrays((6, 9), seed=6)
     scores = np.exp(scores)
@@ -241,7 +308,7 @@ def test_defaults_are_the_papers_cifar_settings():
 
 
 # ----------------------------------------------------------------------------- Keras parts
-NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd"]
+NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd", "nkd", "wttm", "ctkd"]
 
 
 def make(method, sync_bn=False, seed=0, labels=64):
@@ -344,3 +411,16 @@ def test_crd_run_killed_mid_training_resumes_with_its_memory_bank(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 4 and metrics["epochs_run_here"] == 4 - backed_up
     assert math.isfinite(metrics["test_accuracy"]) and metrics["terms"] == {"ce": 1.0, "crd": 0.8}
+
+
+@pytest.mark.parametrize("method", ["nkd", "wttm", "ctkd"])
+def test_the_newest_logit_methods_run_through_the_cli(method, student_run, tmp_path):
+    from tfkd import train
+
+    run_dir = tmp_path / method
+    assert train.main(["--stage", "distill", "--method", method, "--teacher", str(student_run / "student.keras"),
+                       "--student-model", "resnet8", "--epochs", "1", "--batch-size", "64",
+                       "--run-dir", str(run_dir), "--set", "progress=0"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["distill"]
+    assert metrics["method"] == method and set(metrics["terms"]) == {"ce", method}
+    assert math.isfinite(metrics["test_accuracy"])

@@ -33,6 +33,9 @@ MODULES = (
     "ofd",
     "reviewkd",
     "crd",
+    "nkd",
+    "wttm",
+    "ctkd",
 )
 
 
