@@ -243,19 +243,35 @@ def test_crd_nce_loss_matches_numpy():
     np.testing.assert_allclose(float(crd.nce_loss(scores, n)), expected, rtol=1e-5)
 
 
-def test_crd_negatives_come_from_other_classes_and_the_positive_is_the_example():
+@pytest.mark.parametrize("replacement", [False, True])
+def test_crd_negatives_come_from_other_classes_and_the_positive_is_the_example(replacement):
     labels = np.random.default_rng(0).integers(0, 5, 300)
-    term = crd.Contrastive(0.8, 16, 200, 0.07, 0.5)
-    term.num_data = 300
-    term.order, term.starts, term.counts = crd.other_class_sampler(labels)
+    term = crd.Contrastive(0.8, 16, 200, 0.07, 0.5, replacement=replacement)
+    term.set_labels(labels)
+    assert term.distinct is not replacement  # 200 <= 300 minus the largest class
     index = np.arange(0, 300, 7, dtype=np.int32)
     idx = term.sample(tf.constant(labels[index]), tf.constant(index), tf.constant(3)).numpy()
-    assert (idx[:, 0] == index).all()
+    assert idx.shape == (len(index), 201) and (idx[:, 0] == index).all()
     assert (labels[idx[:, 1:]] != labels[index][:, None]).all() and idx.min() >= 0 and idx.max() < 300
+    repeats = [200 - len(np.unique(row)) for row in idx[:, 1:]]
+    if replacement:  # 200 draws from about 240 images: repeats in every row
+        assert min(repeats) > 0
+    else:  # the authors' exact mode: 200 distinct images
+        assert max(repeats) == 0
     # uniform over the other classes' images: every other-class image is drawn about equally often
     draws = np.concatenate([term.sample(tf.constant(labels[index]), tf.constant(index), tf.constant(s)).numpy()[:, 1:]
                             for s in range(20)])
     assert len(np.unique(draws)) > 0.95 * 300
+    counts = np.bincount(draws.ravel(), minlength=300)
+    assert counts.max() < 2 * counts[counts > 0].mean()
+
+
+def test_crd_draws_with_replacement_when_a_class_lacks_k_others():
+    term = crd.Contrastive(0.8, 16, 32, 0.07, 0.5)
+    term.set_labels(np.arange(40) % 2)  # 20 images of the other class, K 32: the authors' replace=True
+    assert not term.distinct
+    idx = term.sample(tf.constant([0, 1]), tf.constant([0, 1]), tf.constant(0)).numpy()
+    assert ((np.arange(40) % 2)[idx[:, 1:]] != np.array([0, 1])[:, None]).all()
 
 
 # ----------------------------------------------------------------------------- composition, options
@@ -305,6 +321,7 @@ def test_defaults_are_the_papers_cifar_settings():
     assert (d.ls.temperature, d.ls.weight) == (2.0, 9.0)
     assert (d.ofd.weight, d.reviewkd.weight, d.reviewkd.warmup_epochs) == (0.001, 5.0, 20)
     assert (d.crd.weight, d.crd.dim, d.crd.negatives, d.crd.temperature, d.crd.momentum) == (0.8, 128, 16384, 0.07, 0.5)
+    assert d.crd.replacement is False
 
 
 # ----------------------------------------------------------------------------- Keras parts

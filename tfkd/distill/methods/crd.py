@@ -4,7 +4,8 @@ mdistiller compute it: ``CE + 0.8 * (NCE(student -> teacher bank) + NCE(teacher 
 The pooled last-stage features of student and teacher are embedded (linear to 128, L2-normalized).
 Two memory banks hold one embedding per training image (student's, teacher's), updated with
 momentum 0.5 and renormalized after every step. Each example is contrasted with its own entry
-(the positive) and 16,384 entries of images of other classes (``exact`` mode): scores
+(the positive) and 16,384 distinct entries of images of other classes (``exact`` mode; drawn
+without replacement, as the authors do whenever a class has that many others): scores
 ``exp(v . m / 0.07) / Z`` with Z set from the first batch (mean score times the bank size), in
 the NCE loss with the uniform noise distribution 1/N.
 
@@ -41,6 +42,9 @@ class Options:
     negatives: int = option(16384, "negatives per example, K", lambda v: v >= 1, ">= 1")
     temperature: float = option(0.07, "NCE temperature", **positive())
     momentum: float = option(0.5, "memory-bank momentum", lambda v: 0 <= v < 1, "in [0, 1)")
+    replacement: bool = option(False, "draw each example's negatives with replacement (cheaper; the "
+                                      "authors draw without whenever K is at most the other classes' "
+                                      "images, and with replacement otherwise, as here)")
 
 
 def nce_loss(scores: Any, num_data: int, eps: float = 1e-7) -> Any:
@@ -101,10 +105,20 @@ class Contrastive(Term):
     needs_index = True
 
     def __init__(self, weight: float, dim: int, negatives: int, temperature: float, momentum: float,
-                 teacher: str = "teacher") -> None:
+                 teacher: str = "teacher", replacement: bool = False) -> None:
         super().__init__(weight, teacher)
         self.dim, self.negatives = int(dim), int(negatives)
         self.temperature, self.momentum = float(temperature), float(momentum)
+        self.replacement = bool(replacement)
+
+    def set_labels(self, labels: np.ndarray) -> None:
+        """The training labels the negatives are drawn by (a bank entry per image)."""
+        labels = np.asarray(labels).astype(np.int64)
+        self.num_data = int(len(labels))
+        self.train_labels = labels.astype(np.int32)
+        self.order, self.starts, self.counts = other_class_sampler(labels)
+        # without replacement only when every class has K other-class images (the authors' rule)
+        self.distinct = not self.replacement and self.negatives <= self.num_data - int(self.counts.max())
 
     def build(self, ctx: Any) -> None:
         import keras
@@ -114,9 +128,7 @@ class Contrastive(Term):
         labels = ctx.labels()
         if labels is None or not len(labels):
             raise ModelError("crd needs the training labels (a memory entry per training image)")
-        labels = np.asarray(labels).astype(np.int64)
-        self.num_data = int(len(labels))
-        self.order, self.starts, self.counts = other_class_sampler(labels)
+        self.set_labels(labels)
         self.embed_s = keras.Sequential([keras.layers.Dense(self.dim)], name="crd_embed_s")
         self.embed_t = keras.Sequential([keras.layers.Dense(self.dim)], name="crd_embed_t")
         self.embed_s.build((None, ctx.shapes(ctx.student)[-1][-1]))
@@ -131,10 +143,16 @@ class Contrastive(Term):
 
         _, replicas, replica_id = _replica()
         local = tf.shape(labels)[0]
-        draws = tf.random.stateless_uniform([local * replicas, self.negatives], seed=tf.stack(
-            [tf.cast(step, tf.int32), tf.constant(20200101, tf.int32)]), dtype=tf.float32)
-        draws = draws[replica_id * local:(replica_id + 1) * local]
+        seed = tf.stack([tf.cast(step, tf.int32), tf.constant(20200101, tf.int32)])
         labels = tf.cast(labels, tf.int32)
+        if self.distinct:  # K distinct images: the top K of random keys, the own class's kept last
+            keys = tf.random.stateless_uniform([local * replicas, self.num_data], seed=seed, dtype=tf.float32)
+            keys = keys[replica_id * local:(replica_id + 1) * local]
+            own = tf.equal(tf.constant(self.train_labels)[None, :], labels[:, None])
+            negatives = tf.math.top_k(tf.where(own, -1.0, keys), k=self.negatives, sorted=False).indices
+            return tf.concat([tf.cast(index, tf.int32)[:, None], negatives], axis=1)
+        draws = tf.random.stateless_uniform([local * replicas, self.negatives], seed=seed, dtype=tf.float32)
+        draws = draws[replica_id * local:(replica_id + 1) * local]
         start = tf.gather(tf.constant(self.starts), labels)[:, None]
         count = tf.gather(tf.constant(self.counts), labels)[:, None]
         position = tf.cast(tf.floor(draws * tf.cast(self.num_data - count, tf.float32)), tf.int32)
@@ -188,7 +206,7 @@ class Contrastive(Term):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "dim": self.dim, "negatives": self.negatives,
-                "temperature": self.temperature, "momentum": self.momentum}
+                "temperature": self.temperature, "momentum": self.momentum, "replacement": self.replacement}
 
 
 def terms(options: Options, run: Any) -> list[Any]:
@@ -196,4 +214,5 @@ def terms(options: Options, run: Any) -> list[Any]:
     from tfkd.distill.terms import CrossEntropy
 
     return [CrossEntropy(options.ce_weight), Contrastive(options.weight, options.dim, options.negatives,
-                                                         options.temperature, options.momentum)]
+                                                         options.temperature, options.momentum,
+                                                         replacement=options.replacement)]
