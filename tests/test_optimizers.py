@@ -14,11 +14,21 @@ def _opt(**changes):
 
 
 def _keras_steps(opt_config, w0, gradients):
-    """``w`` after the stage optimizer of ``opt_config`` applied ``gradients`` one by one."""
+    """``w`` after the stage optimizer of ``opt_config`` applied ``gradients`` one by one (in one
+    traced loop: a thousand eager steps take seconds)."""
+    import tensorflow as tf
+
     variable = keras.Variable(np.asarray(w0, np.float32))
     optimizer = optimizers.sgd(opt_config, opt_config.learning_rate)
-    for g in gradients:
-        optimizer.apply([keras.ops.convert_to_tensor(np.asarray(g, np.float32))], [variable])
+    optimizer.build([variable])
+    stacked = tf.constant(np.asarray(gradients, np.float32))
+
+    @tf.function
+    def run():
+        for i in tf.range(tf.shape(stacked)[0]):
+            optimizer.apply([stacked[i]], [variable])
+
+    run()
     return np.asarray(variable)
 
 
