@@ -114,3 +114,4 @@ def test_a_run_recorded_before_the_option_counts_as_decoupled():
     assert rundir.differences(before, now) == [
         "student.optimizer.weight_decay_mode: 'decoupled' there, 'coupled' now"]
     assert rundir.differences(before, {**now, "student.optimizer.weight_decay_mode": "decoupled"}) == []
+    assert rundir.differences({}, now) == []  # a record without settings compares none

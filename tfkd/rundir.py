@@ -286,8 +286,9 @@ def recorded_settings(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] 
 
 
 #: Options added since runs were recorded whose default is not what those runs did: a record
-#: without the key is compared as holding this value (by the key's ending), so that a changed
-#: default never resumes or reuses such a run as if nothing had changed.
+#: that holds the option's section (``student.optimizer.*``) but not the key is compared as
+#: holding this value (by the key's ending), so that a changed default never resumes or reuses
+#: such a run as if nothing had changed.
 BEFORE_THE_OPTION = {"optimizer.weight_decay_mode": "decoupled", "optimizer.nesterov": True}
 
 
@@ -300,7 +301,8 @@ def differences(recorded: dict[str, Any] | None, now: dict[str, Any]) -> list[st
     absent = object()
     for key in sorted(now):
         then = recorded.get(key, absent)
-        if then is absent:
+        section = key.rsplit(".", 1)[0] + "."
+        if then is absent and any(k.startswith(section) for k in recorded):  # recorded before the option
             then = next((v for end, v in BEFORE_THE_OPTION.items() if key.endswith(end)), absent)
         if then is not absent and not _same(then, now[key]):
             found.append(f"{key}: {_show(then)} there, {_show(now[key])} now")
