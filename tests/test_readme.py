@@ -57,8 +57,9 @@ def fast(argv: list[str]) -> list[str]:
         small = ["--batch-size", "8"] if folder else ["--set", f"data.subset={0.02 if cifar else 0.2}"]
         return ["--epochs", "1", "--set", "progress=0", "--set", "export.formats=[fp32,int8]",
                 "--set", "export.max_test_images=50", "--set", "export.representative=20", *small]
-    if module == "tfkd.export":
-        return ["--max-test-images", "50", "--representative", "20", "--latency-runs", "2"]
+    if module == "tfkd.export":  # the formats the later commands read (every format: test_export)
+        formats = [] if "--formats" in argv else ["--formats", "saved_model,fp32,int8,onnx"]
+        return ["--max-test-images", "50", "--representative", "20", "--latency-runs", "2", *formats]
     if module == "tfkd.compress":
         return ["--epochs", "1", "--max-test-images", "50", "--batch-size", "32"]
     if module == "tfkd.bench":
