@@ -16,7 +16,7 @@ def compress(*args):
 # compress commands (tests/test_readme.py).
 
 
-def test_compress_refuses_a_teacher(student_run, tmp_path):
+def test_compress_refuses_a_teacher(tmp_path):
     from tfkd import models
     from tfkd.teacher import ReconstructionTeacher
 
