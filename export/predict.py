@@ -104,7 +104,8 @@ def load_inputs(paths: list[str], size: tuple[int, int],
         if not path.exists():
             raise KitError(f"{path}: not found")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                           and not p.name.startswith(".") and p.is_file())  # ._x.png: macOS metadata
             if not files:
                 raise KitError(f"{path}: no images in this folder")
             names += [str(p) for p in files]

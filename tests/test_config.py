@@ -37,6 +37,9 @@ def test_yaml_round_trip(tmp_path):
     ("", ["distill.discriminator.width=0"], "option 'distill.cft.discriminator.width' = 0.0"),
     ("- a\n- b\n", [], "expected a mapping"),
     ("teacher: [unclosed\n", [], "not valid YAML"),
+    ("teacher:\n  epochs: 3\n  lambda_rec: 0.5\n  epochs: 30\n", [],
+     r"key 'epochs' is written twice in one mapping \(lines 2 and 4\)"),
+    ("seed: 1\nseed: 2\n", [], r"key 'seed' is written twice in one mapping \(lines 1 and 2\)"),
     ("", ["noequals"], "expected KEY=VALUE"),
 ])
 def test_bad_config_gives_one_clear_line(tmp_path, yaml_text, dotlist, match):
@@ -64,3 +67,11 @@ def test_help_lists_every_option():
     for key in ("data.dataset", "data.validation_fraction", "teacher.lambda_rec",
                 "teacher.optimizer.learning_rate", "strategy", "sync_batchnorm"):
         assert f"  {key} = " in text
+
+
+def test_a_merge_key_may_be_overridden_as_yaml_means(tmp_path):
+    """``<<: *anchor`` then an explicit key: the explicit one wins, no duplicate (the anchor
+    protocol's ablations are written this way)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {epochs: 3, lambda_rec: 0.5}\nteacher: {<<: *b, epochs: 4}\n")
+    assert config.read_yaml_file(str(path), "config file")["teacher"] == {"epochs": 4, "lambda_rec": 0.5}

@@ -375,3 +375,22 @@ def test_a_tfds_dataset_missing_offline_names_what_to_fetch(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]  # the failed download left nothing
     with pytest.raises(DataError, match="tfds:no_such_dataset: Dataset no_such_dataset not found"):
         data.prepare("tfds:no_such_dataset", str(folder), image_size=64)
+
+
+def test_a_folder_dataset_is_what_the_user_sees_in_it(tmp_path):
+    """Hidden entries are not data: dot-folders of images (.thumbnails), an empty
+    .ipynb_checkpoints, macOS's AppleDouble ._ copies (not images at all) and __MACOSX."""
+    root = _photo_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=10)
+    (root / ".ipynb_checkpoints").mkdir()
+    for folder in (root / ".thumbnails", root / "cat" / ".thumbnails", root / "__MACOSX" / "cat"):
+        folder.mkdir(parents=True)
+        Image.fromarray(_photo(40, 40, 1)).save(folder / "t.jpg")
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what macOS copies leave
+    (root / "dog" / "Thumbs.db").write_bytes(b"junk")
+    listing = data.sources.list_folder(str(root))
+    assert listing.class_names == ["cat", "dog"]
+    assert listing.count("train") + listing.count("test") == 20
+    assert not [p for split in listing.paths.values() for p in split if "/." in p or "__MACOSX" in p]
+    assert any("2 hidden image files left out" in note for note in listing.notes), listing.notes
+    prepared = data.prepare(f"folder:{root}", image_size=32, pipeline="streaming")
+    assert prepared.class_names == ["cat", "dog"] and prepared.count("train") + prepared.count("val") + prepared.count("test") == 20

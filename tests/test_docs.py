@@ -46,3 +46,22 @@ OVERRIDES = {"call", "get_config", "from_config", "build", "compute_output_shape
              "compute", "config", "weight_at", "prepare", "auxiliary_step", "auxiliary_variables",
              "auxiliary_optimizer", "labels", "count", "elements", "indices", "train_dataset",
              "sample", "spread", "get_next", "rewind"}
+
+
+def test_the_readmes_notebook_command_is_installed(tmp_path):
+    """`jupyter nbconvert --clear-output --inplace` (the README's way to commit a notebook)
+    comes with `make` (the dev extra)."""
+    import shutil
+
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1", execution_count=1, outputs=[
+        nbformat.v4.new_output("execute_result", data={"text/plain": "2"}, execution_count=1)])])
+    nbformat.write(notebook, tmp_path / "n.ipynb")
+    jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent))
+    assert jupyter, "jupyter is not installed beside this Python"
+    result = subprocess.run([jupyter, "nbconvert", "--clear-output", "--inplace", str(tmp_path / "n.ipynb")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
+    cell = nbformat.read(tmp_path / "n.ipynb", as_version=4).cells[0]
+    assert cell.outputs == [] and cell.execution_count is None

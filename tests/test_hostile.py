@@ -382,7 +382,9 @@ def test_ctrl_c_during_an_export_leaves_the_previous_one_whole(tmp_path, finishe
     import signal
 
     out = tmp_path / "artifacts"
-    export.export(finished_run, out, ["fp32"], max_test_images=40, latency_runs=2)
+    export.export(finished_run, out, ["fp32"], max_test_images=40, latency_runs=2, int8_io="uint8")
+    card = json.loads((out / "model_card.json").read_text())  # no int8 file: no uint8 model announced
+    assert card["int8_io"] is None and "--int8-io" not in (out / "model_card.md").read_text()
     before = snapshot(out)
     proc = subprocess.Popen([sys.executable, "-m", "tfkd.export", str(finished_run), "--out", str(out),
                              "--formats", "fp32,onnx", "--max-test-images", "40"],

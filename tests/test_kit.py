@@ -129,3 +129,11 @@ def test_predict_crops_and_resizes_as_training_did(tmp_path):
         "resize": "center_crop", "crop_fraction": 0.875}
     assert predict.preprocessing_of(tmp_path / "elsewhere" / "m.onnx", (32, 32)) == {"resize": "stretch"}
     assert predict.crop_box(400, 300, {"resize": "center_crop", "crop_fraction": 0.875}) == (69, 19, 331, 281)
+
+
+def test_predict_on_a_folder_leaves_out_macos_copies(no_tensorflow, exported, digits, tmp_path):
+    Image.fromarray(digits.test_images[0]).save(tmp_path / "0.png")
+    (tmp_path / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    result = kit(no_tensorflow, "predict.py", exported[0] / "model.onnx", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1 and "._0.png" not in result.stdout

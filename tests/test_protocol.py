@@ -117,6 +117,8 @@ def test_anchor_protocol_scales_dkds_warmup_to_its_schedule(tmp_path):
     ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns: {}\n", "named 'student'"),
     ("dataset: digits\nstudent: resnet8\n", "missing key 'epochs'"),
     ("[1, 2", "not valid YAML"),
+    ("dataset: digits\nepochs: 1\nstudent: resnet8\nteachers: {}\nruns:\n  student: {method: student}\n"
+     "  kd: {method: student}\n  student: {method: kd}\n", r"key 'student' is written twice .*lines 6 and 8"),
 ])
 def test_bad_protocols_fail_with_the_file_and_key(tmp_path, text, match):
     path = tmp_path / "p.yaml"

@@ -349,11 +349,39 @@ def _move_renamed(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} twice")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping (YAML keeps the last, which
+    silently drops the first). Keys that a ``<<`` merge brings in may be overridden, as YAML means."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """The mapping of ``node``; ``_DuplicateKey`` for a key it writes twice."""
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: the constructor says so
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_file(path_text: str, what: str) -> Any:
     """Reads a YAML file as data (safe loader): UTF-8, or UTF-16 with its byte-order mark.
 
-    Raises ``ConfigError`` naming the file when it is missing, a folder, unreadable, binary, or
-    not valid YAML.
+    Raises ``ConfigError`` naming the file when it is missing, a folder, unreadable, binary, not
+    valid YAML, or writes a key twice in one mapping (naming the key and both lines).
     """
     path = Path(path_text)
     try:
@@ -374,7 +402,10 @@ def read_yaml_file(path_text: str, what: str) -> Any:
     if "\x00" in text:
         raise ConfigError(f"{what} {path_text}: not a text file (expected UTF-8 YAML)")
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+    except _DuplicateKey as error:
+        raise ConfigError(f"{what} {path_text}: key {error.key!r} is written twice in one mapping "
+                          f"(lines {error.first} and {error.second}); keep one") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path_text}: not valid YAML "
                           f"({str(error).splitlines()[0]})") from None

@@ -276,7 +276,8 @@ def _model_card_markdown(card: dict[str, Any]) -> str:
         f"{contract['range']}; normalization is inside the model. Files with integer input "
         "(column in / out) take pixels quantized with the input tensor's scale and zero point and "
         "return quantized logits",
-        f"- `--int8-io` ({card['int8_io']}) sets the input/output type of `model_int8.tflite` only",
+        *([f"- `--int8-io` ({card['int8_io']}) sets the input/output type of `model_int8.tflite` only"]
+          if card.get("int8_io") else []),
         f"- preprocessing: {_describe_preprocessing(card.get('preprocessing', {}))}",
         "- outputs: `logits` and `probabilities` (softmax), one per class of `labels.txt`",
         f"- normalization: mean {card['normalization']['mean']}, std {card['normalization']['std']}",
@@ -512,7 +513,8 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
                                    "an integer input takes pixels quantized with the input tensor's "
                                    "scale and zero point"},
             "preprocessing": info.get("preprocessing", data.geometry.record()),
-            "outputs": ["logits", "probabilities"], "int8_io": settings.int8_io,
+            "outputs": ["logits", "probabilities"],
+            "int8_io": settings.int8_io if "int8" in formats else None,  # model_int8.tflite's, if written
             "onnx_opset": settings.opset,
             "normalization": {"mean": mean, "std": std}, "tolerance": settings.tolerance,
             "max_drop_pt": settings.max_drop,

@@ -84,6 +84,10 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     own_backup = out_dir / "backup" / stage
     cbs = [
         clock,  # before the backup: a kill between the two re-trains an epoch whose time was kept
+        # the epoch's log row before its backup too: a kill between the two logs an epoch twice
+        # (the last row counts), never an epoch the resumed run skips
+        *([callbacks.TestEveryEpoch(data.eval_dataset("test", batch))] if cfg.data.test_every_epoch else []),
+        keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         # The backup outlives fit (delete_checkpoint=False) until the artifact is saved, so a run
         # killed during the final evaluation resumes there instead of training again. Every
         # worker resumes from the chief's backup: a worker killed between an epoch's last step
@@ -94,8 +98,6 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
             train_data=train_ds),
         callbacks.NanGuard(stage, out_dir / "backup" / stage),
         status,
-        *([callbacks.TestEveryEpoch(data.eval_dataset("test", batch))] if cfg.data.test_every_epoch else []),
-        keras.callbacks.CSVLogger(str(out_dir / f"{stage}_log.csv"), append=True),
         keras.callbacks.TensorBoard(str(out_dir / "tensorboard" / stage), profile_batch=0),
         meter, *recalibration, *extra_callbacks,  # the statistics first: pictures show the kept model
     ]

@@ -84,11 +84,15 @@ def legacy_tflite(saved_model: Path, mode: str, representative: np.ndarray | Non
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         return converter.convert()
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    import warnings
+
     options = tf.lite.experimental.QuantizationDebugOptions(
         denylisted_nodes=list(keep_float), fully_quantize=int8_io != "float32")
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=lambda: _samples(representative[:1]), debug_options=options)
-    return debugger.get_nondebug_quantized_model()
+    with warnings.catch_warnings():  # the debugger runs tf.lite.Interpreter, which warns it is deprecated
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: _samples(representative[:1]), debug_options=options)
+        return debugger.get_nondebug_quantized_model()
 
 
 # ------------------------------------------------------------------------------ LiteRT Quantizer

@@ -155,11 +155,24 @@ class FileList:
         return len(self.paths.get(split, []))
 
 
-def _class_files(folder: Path) -> tuple[list[Path], int]:
+#: Entries that cameras, photo managers, Jupyter and macOS leave in folders and that a file
+#: manager hides: not data. Names starting with "." (``.ipynb_checkpoints``, ``.thumbnails``,
+#: AppleDouble ``._photo.jpg``) and these.
+HIDDEN_NAMES = ("__MACOSX", "Thumbs.db", "desktop.ini", "$RECYCLE.BIN")
+
+
+def is_hidden(name: str) -> bool:
+    """True for a file or folder name a user does not see as data (``HIDDEN_NAMES``, dot-names)."""
+    return name.startswith(".") or name in HIDDEN_NAMES
+
+
+def _class_files(folder: Path) -> tuple[list[Path], int, int]:
     """The image files of one class folder, nested sub-folders included (as Keras's
-    ``image_dataset_from_directory`` reads them); also how many of them are nested."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return files, sum(1 for p in files if p.parent != folder)
+    ``image_dataset_from_directory`` reads them); how many of them are nested; and how many
+    image files were left out for being hidden (or in a hidden folder)."""
+    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = [p for p in found if not any(is_hidden(part) for part in p.relative_to(folder).parts)]
+    return files, sum(1 for p in files if p.parent != folder), len(found) - len(files)
 
 
 def _split_folder(root: Path, split: str) -> Path | None:
@@ -184,7 +197,7 @@ def list_folder(root: str, test_fraction: float = 0.1) -> FileList:
         raise DataError(f"{root}: image folder not found")
     split_layout = _split_folder(root_path, "train") is not None
     train_dir = _split_folder(root_path, "train") or root_path
-    class_dirs = sorted(p for p in train_dir.glob("*") if p.is_dir())
+    class_dirs = sorted(p for p in train_dir.glob("*") if p.is_dir() and not is_hidden(p.name))
     if not class_dirs:
         raise DataError(f"{root_path / 'train'}: expected one sub-folder per class (or "
                         f"{root_path}/<class>/ folders)")
@@ -203,17 +216,23 @@ def list_folder(root: str, test_fraction: float = 0.1) -> FileList:
         if val_dir is not None:
             folders["val"] = val_dir
     for split, split_dir in folders.items():
-        unknown = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and p.name not in class_names)
+        unknown = sorted(p.name for p in split_dir.iterdir()
+                         if p.is_dir() and p.name not in class_names and not is_hidden(p.name))
         if unknown:
             raise DataError(f"{split_dir}: class folders {unknown} are not in {train_dir}")
         files: list[tuple[Path, int]] = []
-        nested = 0
+        nested = hidden = 0
         for label, name in enumerate(class_names):
-            class_files, class_nested = _class_files(split_dir / name) if (split_dir / name).is_dir() else ([], 0)
+            class_files, class_nested, class_hidden = _class_files(split_dir / name) \
+                if (split_dir / name).is_dir() else ([], 0, 0)
             if split == "train" and not class_files:
                 raise DataError(f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
             files += [(p, label) for p in class_files]
             nested += class_nested
+            hidden += class_hidden
+        if hidden:
+            listing.notes.append(f"{split_dir}: {hidden} hidden image files left out (names starting "
+                                 "with '.', such as macOS's ._ copies, or in hidden folders)")
         if not files:
             raise DataError(f"{split_dir}: no images")
         if nested:
