@@ -67,9 +67,11 @@ def fast(argv: list[str]) -> list[str]:
                 "speed": ["--steps", "1", "--repeats", "1", "--methods", "kd", "--pipeline-batches", "1",
                           "--latency-runs", "0"],
                 "pipeline": ["--batches", "1", "--steps", "1", "--batch-size", "8"],
+                # --max-drop 100: a one-epoch student is noise, searching for its fragile ops is
+                # test_budget's and test_deploy_bench's work (35 s here)
                 "deploy": ["--only", "student", "--epochs", "1", "--set", "data.subset=0.01", "--set", "data.image_size=32",
                            "--formats", "fp32,int8", "--qat-epochs", "0", "--timing-runs", "3",
-                           "--max-test-images", "20", "--latency-runs", "2"]}[argv[3]]
+                           "--max-test-images", "20", "--latency-runs", "2", "--max-drop", "100"]}[argv[3]]
     return []
 
 
