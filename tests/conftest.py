@@ -43,6 +43,23 @@ def fake_cifar(folder: Path, labels=None, n: int = 20) -> Path:
     return folder
 
 
+def fake_cifar100(folder: Path, train: int = 30, test: int = 10) -> Path:
+    """Writes a tiny CIFAR-100 in the canonical python layout (random pixels, ``train``/``test``
+    images, labels cycling over the 100 classes); returns it."""
+    import pickle
+
+    import numpy as np
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", train), ("test", test)):
+        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
+                 b"fine_labels": [i % 100 for i in range(n)], b"coarse_labels": [0] * n}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
     """The canonical CIFAR-10 python batches from TFKD_CIFAR10_DIR.

@@ -155,14 +155,9 @@ def test_pipeline_feeds_a_distribution_strategy(digits, two_replicas):
 
 
 def test_cifar100_python_layout(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, n in (("train", 30), ("test", 10)):
-        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
-                 b"fine_labels": list(rng.integers(0, 100, n)), b"coarse_labels": [0] * n}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"c%d" % i for i in range(100)]}))
+    from conftest import fake_cifar100
+
+    folder = fake_cifar100(tmp_path / "cifar-100-python")
     prepared = data.prepare("cifar100", str(folder), validation_fraction=0.0)
     assert prepared.num_classes == 100 and len(prepared.train_labels) == 30 and len(prepared.test_labels) == 10
     assert len(prepared.val_labels) == 0

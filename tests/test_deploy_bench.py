@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tfkd.deploy_bench import folder_name, portable
+from tfkd.deploy_bench import folder_name
+from tfkd.protocol import portable
 
 TINY = """
 description: a tiny deployment protocol
@@ -28,6 +29,9 @@ def test_the_report_names_no_folder_of_this_machine():
     argv = ["deploy", "--data-dir", "/home/me/cifar", "--out=x", "--out", "/tmp/o", "--protocol", "/tmp/p.yaml"]
     assert portable(argv) == ["deploy", "--data-dir", "path/to/cifar-10-batches-py", "--out=x", "--out",
                               "path/to/out", "--protocol", "path/to/protocol.yaml"]
+    # a folder in the repository (the README's --out benchmarks/results/...) stays as written
+    assert portable(["--out", "benchmarks/results/x", "--data-dir", "/d/cifar-100-python"]) == \
+        ["--out", "benchmarks/results/x", "--data-dir", "path/to/cifar-100-python"]
     assert folder_name("keras:MobileNetV3Small/cft") == "keras_MobileNetV3Small__cft"
 
 

@@ -443,3 +443,34 @@ def test_the_newest_logit_methods_run_through_the_cli(tmp_path):
         metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["distill"]
         assert metrics["method"] == method and set(metrics["terms"]) == {"ce", method}
         assert math.isfinite(metrics["test_accuracy"])
+
+
+def test_ofds_teacher_normalizes_by_the_batch_as_its_authors_ran_it():
+    """mdistiller's OFD keeps the teacher in training mode: its features come from each batch's
+    statistics, so the teacher's moving averages do not change the loss (they do with ``moving``),
+    and none of its weights is trained."""
+    x, = arrays((16, 32, 32, 3), seed=3)
+    y = (np.arange(16) % 10).astype(np.int32)
+    found = {}
+    for mode in ("batch", "moving"):
+        for shifted in (False, True):
+            keras.utils.set_random_seed(0)
+            cfg = config.load(dotlist=["distill.method=ofd", f"distill.ofd.teacher_bn={mode}"])
+            teacher = models.get("resnet14", 10)
+            if shifted:  # moving averages far from any batch's statistics
+                for layer in teacher._flatten_layers():
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.moving_mean.assign(layer.moving_mean + 3.0)
+                        layer.moving_variance.assign(layer.moving_variance * 25.0)
+            distiller = from_config(cfg.distill, models.get("resnet8", 10), [teacher], steps_per_epoch=1)
+            distiller.compile(optimizer=keras.optimizers.SGD(0.0))
+            distiller.build_all()
+            frozen = [w.numpy().copy() for w in teacher.weights if "moving" not in w.path]
+            assert distiller.teacher_training == {"teacher": mode == "batch"}
+            logs = distiller.train_on_batch(x, y, return_dict=True)
+            found[mode, shifted] = logs["ofd"]
+            assert all(np.array_equal(a, w.numpy()) for a, w in
+                       zip(frozen, [w for w in teacher.weights if "moving" not in w.path]))
+            assert not {id(v) for v in teacher.weights} & {id(v) for v in distiller.student_variables}
+    assert found["batch", False] == pytest.approx(found["batch", True], rel=1e-5)
+    assert abs(found["moving", True] - found["moving", False]) > 0.1 * found["moving", False]

@@ -507,3 +507,59 @@ def test_distillation_overrides_never_touch_the_teachers(tmp_path):
             assert after.args == before.args + ["--set", "data.augment=false"]
         else:
             assert "distill.gamma=0.9" in after.args and "data.evaluate_test=false" in after.args
+
+
+def test_cifar100_standard_smoke_runs_every_pair_with_the_recipe_and_prints_the_published_table(tmp_path):
+    """``--smoke``: one epoch of each pair's teacher and of the smoke runs (kd) on a tiny CIFAR-100;
+    every run gets the recipe, each student its own pair's teacher, and the report prints the
+    published figures beside ours."""
+    from conftest import fake_cifar100
+
+    data_dir = fake_cifar100(tmp_path / "cifar-100-python", train=200, test=100)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "tfkd.bench", "accuracy", "--protocol", "cifar100-standard",
+                             "--smoke", "--data-dir", str(data_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"] and results["recipe"] == "mdistiller-cifar100"
+    assert set(results["teachers"]) == {"resnet56", "resnet32x4", "wrn_40_2", "vgg13"}  # no -rec: kd reads plain
+    assert set(results["runs"]) == {f"{s}/kd" for s in ("resnet20", "resnet8x4", "wrn_16_2", "vgg8")}
+    pairs = {"resnet20": ("resnet56", 70.66), "resnet8x4": ("resnet32x4", 73.33),
+             "wrn_16_2": ("wrn_40_2", 74.92), "vgg8": ("vgg13", 72.98)}
+    import yaml
+
+    for student, (teacher, published) in pairs.items():
+        run = results["runs"][f"{student}/kd"]
+        assert run["teachers"] == [teacher] and run["published"] == [published, "mdistiller"]
+        assert results["teachers"][teacher]["model"] == teacher
+        cfg = yaml.safe_load((out / "runs" / student / "kd" / "seed0" / "config.yaml").read_text())
+        assert cfg["recipe"] == "mdistiller-cifar100" and cfg["data"]["batch_size"] == 64
+        assert cfg["student"]["optimizer"]["weight_decay_mode"] == "coupled" and cfg["student"]["epochs"] == 1
+        assert cfg["distill"]["teachers"] == [str(out / "runs" / "teachers" / teacher / "teacher.keras")]
+    md = (out / "results.md").read_text()
+    assert "| 70.66 [mdistiller] |" in md and "| 79.42 [RepDistiller] |" in md and "[TTM] zkxufo/TTM README" in md
+    assert "--smoke" in results["command"] and "path/to" in results["command"]
+
+
+def test_pairs_and_published_figures_are_checked(tmp_path):
+    base = TINY.replace("student: resnet8\n", "students: [resnet8, resnet14]\n")
+    cases = [
+        ("pairs:\n  resnet8: {plain: rec}\n", "pairs: expected an entry for each student (resnet8, resnet14)"),
+        ("pairs:\n  resnet8: {plain: rec}\n  resnet14: {plain: nope}\n", "pairs.resnet14.plain: 'nope' is not in teachers"),
+        ("pairs:\n  resnet8: {plain: rec}\n  resnet14: {plain: rec}\n",
+         "runs.kd: teacher role 'rec' is not in every student's pairs entry (plain)"),
+        ("published:\n  sources: {A: a paper}\n  runs: {kd: {resnet8: [71.0, B]}}\n",
+         "published.runs.kd.resnet8: expected [top-1 %, one of A], got [71.0, 'B']"),
+        ("published:\n  runs: {nope: {resnet8: [71.0, A]}}\n", "published.runs.nope: not a run of the protocol"),
+        ("recipe: nope\n", "recipe: option 'recipe' = 'nope'"),
+        ("smoke: [nope]\n", "smoke: expected a list of some of its runs"),
+    ]
+    for extra, message in cases:
+        path = tmp_path / "p.yaml"
+        path.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+                           .replace("]", r"\]").replace("%", "%")):
+            protocol_lib.load(str(path))
+    path.write_text(base + "pairs:\n  resnet8: {rec: rec}\n  resnet14: {rec: rec}\n")
+    assert protocol_lib.load(str(path)).teachers_of(protocol_lib.load(str(path)).runs["kd"], "resnet14") == ["rec"]

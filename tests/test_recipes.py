@@ -78,3 +78,24 @@ def test_a_run_that_tests_every_epoch_reports_its_best_and_its_last(tmp_path):
     assert metrics["best_epoch_test_accuracy"] == max(per_epoch)
     assert metrics["best_epoch"] == per_epoch.index(max(per_epoch)) + 1
     assert 0 <= metrics["test_accuracy"] <= 1  # the last epoch's, after precise batch norm
+
+
+def test_a_distill_run_takes_its_pair_from_the_teacher_it_is_given(tmp_path):
+    """``--teacher FILE``: the recipe's pair is the model that file was trained (or imported) as,
+    not the ``teacher.model`` default."""
+    from tfkd import io, rundir
+
+    trained = tmp_path / "t32x4"
+    trained.mkdir()
+    rundir.write_record(trained, "teacher", {"teacher.model": "resnet32x4"}, "done", "teacher.keras")
+    imported = tmp_path / "resnet56.keras"
+    io.write_json(io.model_record_path(imported), {"model": "resnet56a"})
+    cases = [(trained / "teacher.keras", 8.0), (trained, 8.0), (imported, 2.0)]
+    for teacher, beta in cases:
+        cfg = _config("--teacher", str(teacher), "--student-model", "resnet8x4" if beta == 8.0 else "resnet20",
+                      "--method", "dkd")
+        assert cfg.distill.dkd.beta == beta, teacher
+    # a user's own model names no backbone: teacher.model decides (resnet20 -> resnet8x4: the default 8)
+    cfg = _config("--teacher", str(tmp_path / "mine.keras"), "--teacher-model", "vgg13",
+                  "--student-model", "vgg8", "--method", "dkd")
+    assert cfg.distill.dkd.beta == 6.0

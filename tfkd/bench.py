@@ -330,14 +330,18 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from tfkd import protocol as protocol_lib
 
     protocol = protocol_lib.load(args.protocol)
-    out = Path(args.out or Path("benchmarks") / "results" / protocol.name)
+    if args.smoke:  # one epoch of every teacher the protocol's smoke runs need, and of those runs
+        args.epochs, args.only = args.epochs or 1, args.only or protocol.smoke
+        args.seeds = args.seeds or protocol.seeds[:1]
+    out = Path(args.out or (Path("runs") / "smoke" if args.smoke else Path("benchmarks") / "results") / protocol.name)
     teachers_dir = args.teachers_dir or os.environ.get("TFKD_TEACHERS_DIR") or (
         str(Path(args.data_dir).parent / "teachers") if args.data_dir else None)
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, args.seeds, args.only,
                                  args.set, args.validation_only, teachers_dir)
     # the report covers every run of the protocol, finished ones from the cache, even when --only
-    # runs a subset; --report-only --only RUN ... reports just those runs (and their teachers)
-    scoped = bool(args.report_only and args.only)
+    # runs a subset; --report-only --only RUN ... reports just those runs (and their teachers);
+    # a smoke report, the smoke runs
+    scoped = bool(args.report_only and args.only) or args.smoke
     report_jobs = job_list if scoped else protocol_lib.jobs(
         protocol, out, args.data_dir, args.epochs, args.seeds, None, args.set, args.validation_only,
         teachers_dir)
@@ -348,12 +352,13 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         skipping = not scoped and (arg == "--only" or (skipping and not arg.startswith("--")))
         if not skipping and arg != "--report-only":
             kept.append(arg)
-    command = "python -m tfkd.bench " + shlex.join(kept)
+    command = "python -m tfkd.bench " + shlex.join(protocol_lib.portable(kept))
     if args.report_only:
         results = protocol_lib.report(protocol, out, report_jobs, command)
     else:
         results = protocol_lib.run_protocol(protocol, out, job_list, command, report_jobs=report_jobs,
-                                            parallel=args.jobs)
+                                            parallel=1 if args.smoke else args.jobs,
+                                            launch=protocol_lib.launch_here if args.smoke else None)
     print(protocol_lib.markdown(results))
     print(f"tfkd.bench: wrote {out / 'results.json'}, results.md, results.png")
     return results
@@ -387,6 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="config override for every run (tuning), e.g. distill.beta=0.01")
     p.add_argument("--validation-only", action="store_true",
                    help="tuning: never evaluate on the test split")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the protocol end to end, fast: one epoch of the runs its 'smoke' key "
+                        "lists (default: the student alone) and of their teachers, one seed, into "
+                        "runs/smoke/PROTOCOL (default --out)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the finished runs, train nothing")
     p.add_argument("--jobs", type=cli.positive_int, default=1, metavar="N",

@@ -415,7 +415,7 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
          dotlist: list[str] | None = None) -> RunConfig:
     """Builds the run configuration: defaults, then the YAML file, then ``--set`` items, then
     the dedicated flags in ``overrides`` (dotted key -> value, ``None`` values ignored)."""
-    merged = OmegaConf.structured(RunConfig)
+    merged = _defaults()
     layers: list[tuple[str, Any]] = []
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
     data: Any = None
@@ -445,7 +445,7 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
         layers.append((f"--{key.split('.')[-1].replace('_', '-')}", layer))
     merged = _merged(merged, layers)
     if merged.recipe:  # under everything the user gave, which the recipe's choice depends on
-        merged = _merged(OmegaConf.structured(RunConfig), [_recipe_layer(merged), *layers])
+        merged = _merged(_defaults(), [_recipe_layer(merged), *layers])
     try:
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -454,7 +454,24 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
+_DEFAULTS: list[Any] = []
+
+
+def _defaults() -> Any:
+    """``RunConfig``'s defaults as a structured config, built once (``OmegaConf.merge`` copies
+    its first argument, so it is never changed)."""
+    if not _DEFAULTS:
+        _DEFAULTS.append(OmegaConf.structured(RunConfig))
+    return _DEFAULTS[0]
+
+
 def _merged(merged: Any, layers: list[tuple[str, Any]]) -> Any:
+    """``layers`` merged over ``merged`` in one pass (each merge copies the whole config); when
+    that fails, layer by layer, so that the error names the layer."""
+    try:
+        return OmegaConf.merge(merged, *(layer for _, layer in layers))
+    except OmegaConfBaseException:
+        pass
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -464,10 +481,14 @@ def _merged(merged: Any, layers: list[tuple[str, Any]]) -> Any:
 
 
 def _recipe_layer(merged: Any) -> tuple[str, Any]:
-    """The recipe of ``merged`` (``recipe``) as a config layer for its teacher/student pair."""
-    from tfkd import recipes
+    """The recipe of ``merged`` (``recipe``) as a config layer for its teacher/student pair: the
+    teacher's model is the one its first ``distill.teachers`` file was trained as (else
+    ``teacher.model``)."""
+    from tfkd import recipes, rundir
 
-    settings = recipes.get(merged.recipe).settings(merged.teacher.model, merged.student.model)
+    given = list(merged.distill.teachers or [])
+    teacher = (rundir.teacher_model(given[0]) if given else None) or merged.teacher.model
+    settings = recipes.get(merged.recipe).settings(teacher, merged.student.model)
     layer = OmegaConf.create()
     for key, value in {"recipe": merged.recipe, **settings}.items():
         OmegaConf.update(layer, key, value, force_add=True)

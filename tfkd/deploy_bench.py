@@ -156,7 +156,7 @@ def run(args: Any) -> dict[str, Any]:
     out = Path(args.out or Path("benchmarks") / "results" / "deploy")
     job_list = protocol_lib.jobs(protocol, out, args.data_dir, args.epochs, None, args.only, args.set, False,
                                  args.teachers_dir)
-    command = "python -m tfkd.bench " + shlex.join(portable(args.argv))
+    command = "python -m tfkd.bench " + shlex.join(protocol_lib.portable(args.argv))
     training = protocol_lib.run_protocol(protocol, out, job_list, command, name="training")
     students: dict[str, Any] = {}
     for job in (j for j in job_list if j.kind == "student"):
@@ -164,7 +164,7 @@ def run(args: Any) -> dict[str, Any]:
         folder = out / "exports" / folder_name(job.name)
         timing, reference = time_step(folder, args.timing_runs, True), time_step(folder, args.timing_runs, False)
         rows = rows_of(card, timing, reference)
-        teachers = protocol.runs[job.run].teachers
+        teachers = protocol.teachers_of(protocol.runs[job.run], job.student)
         if teachers and args.qat_epochs:
             report = qat_step(job, protocol_lib.teacher_file(out, teachers[0]), out, args)
             qat_folder = out / "qat" / folder_name(job.name)
@@ -194,25 +194,6 @@ def run(args: Any) -> dict[str, Any]:
 
 
 #: Options whose values are this machine's folders: the report names them as placeholders.
-_FOLDERS = {"--data-dir": "path/to/cifar-10-batches-py", "--teachers-dir": "path/to/teachers",
-            "--out": "path/to/out"}
-
-
-def portable(argv: Sequence[str]) -> list[str]:
-    """``argv`` with this machine's folders replaced by placeholders (and a protocol file of the
-    repository named relative to it), so a committed report names no machine's paths."""
-    repo = Path(__file__).resolve().parents[1]
-    result, previous = [], ""
-    for arg in argv:
-        if previous in _FOLDERS:
-            arg = _FOLDERS[previous]
-        elif previous == "--protocol" and Path(arg).is_absolute():
-            arg = os.path.relpath(arg, repo) if Path(arg).resolve().is_relative_to(repo) else "path/to/protocol.yaml"
-        result.append(arg)
-        previous = arg if arg.startswith("--") else ""
-    return result
-
-
 def _cell(value: Any, fmt: str = "{:.2f}") -> str:
     return "—" if value is None else fmt.format(value)
 

@@ -32,7 +32,8 @@ from tfkd.errors import ConfigError, TrainingError
 #: Folder of the protocols shipped with tfkd (``--protocol NAME`` looks here).
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "protocols"
 PROTOCOL_KEYS = {"description", "dataset", "epochs", "batch_size", "seeds", "student", "students",
-                 "set", "teachers", "runs"}
+                 "set", "teachers", "runs", "pairs", "recipe", "published", "smoke"}
+PUBLISHED_KEYS = {"sources", "teachers", "runs"}
 TEACHER_KEYS = {"model", "set", "import", "init_from", "epochs", "description"}
 RUN_KEYS = {"method", "teachers", "set", "ablation", "description", "seeds", "students"}
 BASELINE = "student"
@@ -86,6 +87,19 @@ class Protocol:
     set: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     students: list[str] = field(default_factory=list)  # all student models; [student] for one
+    #: Each student model's teachers by the role a run names (``plain: resnet56``); empty: a
+    #: run names the protocol's teachers themselves, the same for every student.
+    pairs: dict[str, dict[str, str]] = field(default_factory=dict)
+    recipe: str = ""  # tfkd.recipes name every run is given (``--recipe``)
+    #: Published test top-1 (%) to print beside ours: ``teachers: {name: [value, source]}``,
+    #: ``runs: {run: {student: [value, source]}}``; ``sources``: what each source key is.
+    published: dict[str, Any] = field(default_factory=dict)
+    smoke: list[str] = field(default_factory=list)  # the runs of ``tfkd.bench accuracy --smoke``
+
+    def teachers_of(self, run: Run, student: str) -> list[str]:
+        """The protocol teachers ``run`` reads with ``student``: its roles through the student's
+        pair, or the names it gives when the protocol has no pairs."""
+        return [self.pairs[student][role] for role in run.teachers] if self.pairs else list(run.teachers)
 
     def entry(self, run: str, student: str) -> str:
         """The report's name of ``run`` with ``student``: the run's own name when the protocol
@@ -168,6 +182,7 @@ def load(protocol: str) -> Protocol:
         teachers[name] = Teacher(name, entry.get("model"), _mapping(entry.get("set"), f"{where}.set"),
                                  entry.get("import"), entry.get("init_from"), epochs_of,
                                  str(entry.get("description", "")))
+    pairs = _pairs(raw.get("pairs"), students, teachers, f"{path}: pairs")
     runs = {}
     for name, entry in _mapping(raw["runs"], f"{path}: runs").items():
         where = f"{path}: runs.{name}"
@@ -184,7 +199,10 @@ def load(protocol: str) -> Protocol:
             raise ConfigError(f"{where}: method {method} takes {needed} "
                               f"teacher(s), got {len(run_teachers)}")
         for teacher in run_teachers:
-            if teacher not in teachers:
+            if pairs and any(teacher not in roles for roles in pairs.values()):
+                raise ConfigError(f"{where}: teacher role {teacher!r} is not in every student's "
+                                  f"pairs entry ({', '.join(sorted({r for rs in pairs.values() for r in rs}))})")
+            if not pairs and teacher not in teachers:
                 raise ConfigError(f"{where}: teacher {teacher!r} is not in teachers "
                                   f"({', '.join(teachers)})")
         run_students = entry.get("students")
@@ -202,9 +220,64 @@ def load(protocol: str) -> Protocol:
     epochs = raw["epochs"]
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"{path}: epochs: expected a positive integer, got {epochs!r}")
+    recipe = str(raw.get("recipe") or "")
+    if recipe:
+        from tfkd import recipes
+
+        try:
+            recipes.get(recipe)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: recipe: {error}") from None
+    smoke = raw.get("smoke", [BASELINE])
+    if not isinstance(smoke, list) or not smoke or not set(smoke) <= set(runs):
+        raise ConfigError(f"{path}: smoke: expected a list of some of its runs ({', '.join(runs)}), got {smoke!r}")
     return Protocol(path.stem, path, str(raw["dataset"]), epochs, int(raw.get("batch_size", 128)),
                     seeds, students[0], teachers, runs, _mapping(raw.get("set"), f"{path}: set"),
-                    str(raw.get("description", "")).strip(), students)
+                    str(raw.get("description", "")).strip(), students, pairs, recipe,
+                    _published(raw.get("published"), teachers, runs, students, f"{path}: published"),
+                    [str(r) for r in smoke])
+
+
+def _pairs(value: Any, students: list[str], teachers: dict[str, Teacher], where: str) -> dict[str, dict[str, str]]:
+    """``pairs``: every student model's teachers by role, each a teacher of the protocol."""
+    pairs = {str(k): _mapping(v, f"{where}.{k}") for k, v in _mapping(value, where).items()}
+    if pairs and set(pairs) != set(students):
+        raise ConfigError(f"{where}: expected an entry for each student ({', '.join(students)}), "
+                          f"got {', '.join(pairs)}")
+    for student, roles in pairs.items():
+        for role, teacher in roles.items():
+            if teacher not in teachers:
+                raise ConfigError(f"{where}.{student}.{role}: {teacher!r} is not in teachers ({', '.join(teachers)})")
+    return {s: {str(r): str(t) for r, t in roles.items()} for s, roles in pairs.items()}
+
+
+def _figure(value: Any, sources: dict[str, Any], where: str) -> list[Any]:
+    """A published figure: ``[top-1 %, source key]``."""
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (int, float))
+            and 0 <= value[0] <= 100 and value[1] in sources):
+        raise ConfigError(f"{where}: expected [top-1 %, one of {', '.join(sources) or 'the sources'}], got {value!r}")
+    return [float(value[0]), str(value[1])]
+
+
+def _published(value: Any, teachers: dict[str, Teacher], runs: dict[str, Run], students: list[str],
+               where: str) -> dict[str, Any]:
+    """``published``: the sources, and figures of teachers and of runs by student model."""
+    raw = _mapping(value, where)
+    _known(raw, PUBLISHED_KEYS, where)
+    sources = {str(k): str(v) for k, v in _mapping(raw.get("sources"), f"{where}.sources").items()}
+    figures: dict[str, Any] = {"sources": sources, "teachers": {}, "runs": {}}
+    for name, figure in _mapping(raw.get("teachers"), f"{where}.teachers").items():
+        if name not in teachers:
+            raise ConfigError(f"{where}.teachers.{name}: not a teacher of the protocol ({', '.join(teachers)})")
+        figures["teachers"][name] = _figure(figure, sources, f"{where}.teachers.{name}")
+    for run, by_student in _mapping(raw.get("runs"), f"{where}.runs").items():
+        if run not in runs:
+            raise ConfigError(f"{where}.runs.{run}: not a run of the protocol ({', '.join(runs)})")
+        for student, figure in _mapping(by_student, f"{where}.runs.{run}").items():
+            if student not in students:
+                raise ConfigError(f"{where}.runs.{run}.{student}: not a student model ({', '.join(students)})")
+            figures["runs"].setdefault(run, {})[student] = _figure(figure, sources, f"{where}.runs.{run}.{student}")
+    return figures
 
 
 #: Config sections that only one kind of run reads: their overrides stay out of the other kind's
@@ -316,6 +389,28 @@ def _result(run_dir: Path, kind: str) -> dict[str, Any] | None:
     return result if result and artifact.is_file() else None
 
 
+#: The folders a benchmark command names, as a committed report shows them when they are this
+#: machine's (absolute); CIFAR-100's folder keeps its own name.
+_FOLDERS = {"--data-dir": "path/to/cifar-10-batches-py", "--teachers-dir": "path/to/teachers",
+            "--out": "path/to/out"}
+
+
+def portable(argv: Sequence[str]) -> list[str]:
+    """``argv`` with this machine's folders (absolute paths) replaced by placeholders, and a
+    protocol file of the repository named relative to it, so a committed report names no
+    machine's paths."""
+    repo = PROTOCOL_DIR.parents[1]
+    result, previous = [], ""
+    for arg in argv:
+        if previous in _FOLDERS and Path(arg).is_absolute():
+            arg = "path/to/cifar-100-python" if Path(arg).name == "cifar-100-python" else _FOLDERS[previous]
+        elif previous == "--protocol" and Path(arg).is_absolute():
+            arg = os.path.relpath(arg, repo) if Path(arg).resolve().is_relative_to(repo) else "path/to/protocol.yaml"
+        result.append(arg)
+        previous = arg if arg.startswith("--") else ""
+    return result
+
+
 def teacher_file(out: Path, name: str) -> Path:
     """Where the protocol's teacher ``name`` lives (trained or imported)."""
     return out / "runs" / "teachers" / name / "teacher.keras"
@@ -340,11 +435,13 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
     selected = [protocol.runs[name] for name in (only or protocol.runs)]
     data_flags = ["--dataset", protocol.dataset, *(["--data-dir", data_dir] if data_dir else [])]
     common = [*data_flags, "--epochs", str(epochs or protocol.epochs),
-              "--batch-size", str(protocol.batch_size), "--set", "progress=2"]
+              "--batch-size", str(protocol.batch_size), "--set", "progress=2",
+              *(["--recipe", protocol.recipe] if protocol.recipe else [])]
     extra = {kind: [item for o in overrides if _applies(o.split("=", 1)[0].strip(), kind)
                     for item in ("--set", o)] for kind in ("teacher", "student")}
     tuning = ["--set", "data.evaluate_test=false"] if validation_only else []
-    needed = {t for run in selected for t in run.teachers}
+    needed = {t for run in selected for student in run.students or protocol.students
+              for t in protocol.teachers_of(run, student)}
     for name in list(protocol.teachers)[::-1]:  # what a needed teacher starts from is needed too
         if name in needed and protocol.teachers[name].init_from:
             needed.add(protocol.teachers[name].init_from)
@@ -373,13 +470,14 @@ def jobs(protocol: Protocol, out: Path, data_dir: str | None, epochs: int | None
             entry = protocol.entry(run.name, student)
             for seed in list(seeds or run.seeds or protocol.seeds):
                 run_dir = out / "runs" / entry / f"seed{seed}"
-                teacher_flags = [item for t in run.teachers for item in ("--teacher", str(teacher_file(out, t)))]
+                teachers = protocol.teachers_of(run, student)
+                teacher_flags = [item for t in teachers for item in ("--teacher", str(teacher_file(out, t)))]
                 result.append(Job("student", entry, seed, run_dir, [
                     "--stage", "distill", "--method", run.method, "--student-model", student,
                     *teacher_flags, "--seed", str(seed), "--run-dir", str(run_dir), *common, *tuning,
                     *_set_flags(protocol.set, "student"), *_set_flags(run.set), *extra["student"]],
                     run=run.name, student=student,
-                    needs=tuple(teacher_file(out, t).parent for t in run.teachers)))
+                    needs=tuple(teacher_file(out, t).parent for t in teachers)))
     return result
 
 
@@ -403,6 +501,18 @@ def _launch(job: Job, log: Path | None = None, threads: int | None = None) -> No
     if status != 0:
         where = f"{log} and {job.run_dir}" if log else str(job.run_dir)
         raise TrainingError(f"{job.label} failed with exit code {status}; see {where}; re-run the "
+                            "same command to continue")
+
+
+def launch_here(job: Job) -> None:
+    """Runs ``job`` in this process (``tfkd.bench accuracy --smoke``: it saves each run's start-up;
+    a protocol's real runs each get a process of their own)."""
+    import importlib
+
+    print(f"tfkd.bench: {job.label}: {job.module} {' '.join(job.args)} (in this process)", flush=True)
+    status = importlib.import_module(job.module).main(job.args)
+    if status != 0:
+        raise TrainingError(f"{job.label} failed with exit code {status}; see {job.run_dir}; re-run the "
                             "same command to continue")
 
 
@@ -625,6 +735,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str,
                 "test_accuracy", "test_psnr", "params", "train_images_per_second", "wall_seconds",
                 "epochs_seconds")}
             teachers[job.name]["finished"] = finished[id(job)]
+            teachers[job.name]["published"] = protocol.published.get("teachers", {}).get(job.name)
             teachers[job.name]["commit"] = _run_commit(job) if finished[id(job)] else None
             teachers[job.name]["kind"] = "imported" if job.kind == "import" else (
                 "fine-tuned" if protocol.teachers[job.name].init_from else "trained")
@@ -633,7 +744,9 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str,
             continue
         run = protocol.runs[job.run]
         entry = runs.setdefault(job.name, {
-            "run": run.name, "student": job.student, "method": run.method, "teachers": run.teachers,
+            "run": run.name, "student": job.student, "method": run.method,
+            "teachers": protocol.teachers_of(run, job.student),
+            "published": protocol.published.get("runs", {}).get(run.name, {}).get(job.student),
             "set": run.set, "ablation": run.ablation, "description": run.description, "seeds": {}})
         entry["seeds"][str(job.seed)] = {"finished": finished[id(job)], **{key: result.get(key) for key in (
             "val_accuracy", "test_accuracy", "train_images_per_second", "wall_seconds",
@@ -662,6 +775,7 @@ def report(protocol: Protocol, out: Path, job_list: list[Job], command: str,
         **provenance(command),
         "complete": all(finished.values()),
         "teachers": teachers, "runs": runs,
+        "recipe": protocol.recipe or None, "published_sources": protocol.published.get("sources", {}),
         "run_seconds": _run_seconds(teachers, runs),
         "run_commits": _run_commits(teachers, runs),
         "cft_gain_over_kd_gain": None if not kd_gain or cft_gain is None else cft_gain / kd_gain,
@@ -725,6 +839,10 @@ def _seeds_cell(seeds: dict[str, dict[str, Any]]) -> str:
     return (", ".join(done) or "—") + (f" (not finished: {', '.join(todo)})" if done and todo else "")
 
 
+def _published_cell(figure: list[Any] | None) -> str:
+    return "—" if not figure else f"{figure[0]:.2f} [{figure[1]}]"
+
+
 def _vs_cell(comparison: dict[str, Any] | None) -> str:
     if not comparison:
         return "—"
@@ -743,9 +861,11 @@ def markdown(results: dict[str, Any]) -> str:
     if not results["complete"]:
         lines += ["**Incomplete**: some runs have not finished; missing figures show as —.", ""]
     started = any(t.get("init_from") or t.get("kind") == "imported" for t in results["teachers"].values())
+    published = results.get("published_sources") or {}
     lines += ["| teacher | model | lambda_cls | lambda_rec | val top-1 % | test top-1 % | test PSNR dB |"
-              + (" made | test top-1 % before |" if started else ""),
-              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if started else "")]
+              + (" made | test top-1 % before |" if started else "") + (" published test top-1 % |" if published else ""),
+              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if started else "")
+              + (" --- |" if published else "")]
     for name, t in results["teachers"].items():
         psnr = "—" if t.get("test_psnr") is None or not t.get("lambda_rec") else f"{t['test_psnr']:.2f}"
         weights = ["—" if t.get(k) is None else t[k] for k in ("lambda_cls", "lambda_rec")]
@@ -753,11 +873,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {t.get('model') or '—'} | {weights[0]} | "
                      f"{weights[1]} | {_pct(t.get('val_accuracy'))} | "
                      f"{_pct(t.get('test_accuracy'))} | {psnr} |"
-                     + (f" {made} | {_pct(t.get('init_test_accuracy'))} |" if started else ""))
+                     + (f" {made} | {_pct(t.get('init_test_accuracy'))} |" if started else "")
+                     + (f" {_published_cell(t.get('published'))} |" if published else ""))
     paired = any(r.get("vs") for r in results["runs"].values())
     lines += ["", "| run | method | teachers | overrides | seeds | val top-1 % | test top-1 % | "
-                  "test gain over student (pt) |" + (" vs kd (pt, 95% CI) | vs cft (pt, 95% CI) |" if paired else ""),
-              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if paired else "")]
+                  "test gain over student (pt) |" + (" vs kd (pt, 95% CI) | vs cft (pt, 95% CI) |" if paired else "")
+              + (" published test top-1 % |" if published else ""),
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if paired else "")
+              + (" --- |" if published else "")]
     for name, r in results["runs"].items():
         overrides = ", ".join(f"{k}={v}" for k, v in r["set"].items()) or "—"
         test = r["test"]
@@ -767,7 +890,11 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_pct(r['val']['mean'], r['val']['std'], r['val']['n'])} | "
                      f"{_pct(test['mean'], test['std'], test['n'])} | "
                      f"{_pct(test['gain_over_student'], signed=True)} |"
-                     + (f" {_vs_cell(vs.get('kd'))} | {_vs_cell(vs.get('cft'))} |" if paired else ""))
+                     + (f" {_vs_cell(vs.get('kd'))} | {_vs_cell(vs.get('cft'))} |" if paired else "")
+                     + (f" {_published_cell(r.get('published'))} |" if published else ""))
+    if published:
+        lines += ["", "Published: " + "; ".join(f"[{key}] {text}" for key, text in published.items())
+                  + (f". Our runs use the recipe `{results['recipe']}`" if results.get("recipe") else "") + "."]
     ratio = results.get("cft_gain_over_kd_gain")
     if any(r["test"]["n"] > 1 for r in results["runs"].values()):
         lines += ["", "With several seeds: mean ± sample standard deviation over them; a gain is "

@@ -52,7 +52,8 @@ MDISTILLER_CIFAR100 = Recipe(
     common={"data.batch_size": 64, "teacher.epochs": 240, "student.epochs": 240,
             "data.test_every_epoch": True, **_sgd(0.1)},
     by_student={name: {"student.optimizer.learning_rate": 0.02} for name in ("mobilenetv2", "mobilenetv2_x0_5")},
-    by_pair={**{pair: {"distill.dkd.beta": 2.0} for pair in (("resnet56", "resnet20"), ("resnet110", "resnet32"))},
+    by_pair={**{pair: {"distill.dkd.beta": 2.0} for pair in (  # and the imported option-A teachers
+        ("resnet56", "resnet20"), ("resnet110", "resnet32"), ("resnet56a", "resnet20"), ("resnet110a", "resnet32"))},
              **{pair: {"distill.dkd.beta": 6.0} for pair in (
                  ("vgg13", "vgg8"), ("vgg13", "mobilenetv2"), ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"))}},
 )

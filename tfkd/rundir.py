@@ -257,6 +257,22 @@ def write_record(run_dir: str | os.PathLike, stage: str, settings: dict[str, Any
     io.write_json(Path(run_dir) / RECORD, {"format": 1, "stages": records})
 
 
+def teacher_model(teacher: str | os.PathLike) -> str | None:
+    """The backbone a teacher file (or its run folder) was built on: ``teacher.model`` of the
+    stage that trained it here, else the ``model`` of the record beside an imported one; None
+    when neither names it (a user's own model)."""
+    from tfkd import io
+
+    path = Path(teacher)
+    folder, stage = (path, "teacher") if path.is_dir() else (path.parent, path.stem)
+    try:
+        model = load_records(folder).get(stage, {}).get("settings", {}).get("teacher.model")
+        record = None if model or path.is_dir() else io.read_model_record(path)
+    except Exception:  # a damaged record: the run itself reports it, with its fix
+        return None
+    return str(model) if model else (str(record["model"]) if record and record.get("model") else None)
+
+
 def recorded_settings(run_dir: str | os.PathLike, stage: str) -> dict[str, Any] | None:
     """The settings ``stage`` was run with here: its ``run.json`` record, or for a folder from
     before ``run.json`` existed, its ``config.yaml`` flattened (None if neither is there)."""

@@ -3,7 +3,8 @@
 It holds the student, the frozen teachers (by role) and the method's loss terms
 (``tfkd.distill.terms``), and tracks the layers each term trains. Per batch:
 
-1. the teachers run with ``training=False`` (their weights never change), the student once,
+1. the teachers run in inference mode (a term may ask for its teacher's batch norm to use the
+   batch's statistics, as OFD's authors run it; their weights never change), the student once,
    under the student's gradient tape; each term prepares what it shares (adapted maps);
 2. every term with an optimizer of its own takes its step (the adversarial term's
    discriminators: teacher maps real, adapted student maps, gradient stopped, fake);
@@ -52,10 +53,18 @@ class Distiller(keras.Model):
         self.student = student
         self.head_layers = tuple(head_layers)
         teachers = dict(teachers or {})
+        self.terms = list(terms)
+        #: Per teacher role, whether it runs in training mode: its batch norm normalizes by the
+        #: batch's statistics (a term asks for it); its weights are never trained either way.
+        self.teacher_training = {role: any(t.teacher == role and t.teacher_batch_statistics for t in self.terms)
+                                 for role in teachers}
         for role, model in teachers.items():
             model.trainable = False
+            if self.teacher_training[role]:  # Keras runs a frozen batch norm on its moving averages
+                for layer in model._flatten_layers():
+                    if isinstance(layer, keras.layers.BatchNormalization):
+                        layer.trainable = True
         self.teacher_models = teachers
-        self.terms = list(terms)
         missing = sorted({t.teacher for t in self.terms if t.name != "ce"} - set(teachers))
         if missing:
             raise ModelError(f"terms {[t.name for t in self.terms]} need the teacher(s) {missing}")
@@ -172,7 +181,7 @@ class Distiller(keras.Model):
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images, index = (x["images"], x.get("index")) if isinstance(x, dict) else (x, None)
-        teacher_outputs = {role: precision.float32(model(images, training=False))
+        teacher_outputs = {role: precision.float32(model(images, training=self.teacher_training[role]))
                            for role, model in self.teacher_models.items()}
         with tf.GradientTape() as tape:
             batch = StepInputs(labels, precision.float32(self.student(images, training=True)),

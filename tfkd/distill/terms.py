@@ -78,6 +78,10 @@ class Term:
     name = "term"
     slot = "term"
     needs_index = False
+    #: True: the term's teacher runs with its batch norm normalizing by each batch's statistics
+    #: (its authors' teacher in training mode; its weights still never change), not by its
+    #: moving averages.
+    teacher_batch_statistics = False
 
     def __init__(self, weight: float = 1.0, teacher: str = "teacher") -> None:
         self.weight = float(weight)

@@ -7,6 +7,10 @@ average-pooled to the student's size. Partial L2 counts a difference only where 
 the teacher's ReLU: where the teacher is positive, or the student exceeds a non-positive teacher,
 with the teacher's negative values replaced by a margin per channel, the expectation of the
 pre-ReLU value given that it is negative, from the batch norm before it (mean beta, std |gamma|).
+
+The teacher runs as the authors' does (mdistiller's ``OFD`` never puts it in eval mode): its batch
+norm normalizes by each batch's statistics, not by its moving averages (``teacher_bn: moving``
+for the frozen teacher of every other method). Its weights never change.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class Options:
 
     weight: float = option(0.001, "weight of the feature term (mdistiller's FEAT_WEIGHT)", **non_negative())
     ce_weight: float = option(1.0, "cross-entropy weight", **non_negative())
+    teacher_bn: str = option("batch", "the teacher's batch norm: batch (its authors' teacher in training "
+                                      "mode: each batch's statistics) or moving (its moving averages)",
+                             valid=lambda v: v in ("batch", "moving"), expected="batch or moving")
 
 
 def margins(gamma: Any, beta: Any) -> list[float]:
@@ -121,4 +128,6 @@ def terms(options: Options, run: Any) -> list[Any]:
     """CE and OFD's feature term."""
     from tfkd.distill.terms import CrossEntropy
 
-    return [CrossEntropy(options.ce_weight), OFDTerm(options.weight)]
+    term = OFDTerm(options.weight)
+    term.teacher_batch_statistics = options.teacher_bn == "batch"
+    return [CrossEntropy(options.ce_weight), term]
