@@ -389,3 +389,14 @@ def test_a_folder_dataset_is_what_the_user_sees_in_it(tmp_path):
     assert any("2 hidden image files left out" in note for note in listing.notes), listing.notes
     prepared = data.prepare(f"folder:{root}", image_size=32, pipeline="streaming")
     assert prepared.class_names == ["cat", "dog"] and prepared.count("train") + prepared.count("val") + prepared.count("test") == 20
+
+
+def test_a_tfds_dataset_without_images_is_refused_before_any_download(tmp_path):
+    from tfkd.errors import DataError
+
+    with pytest.raises(DataError, match=r"tfds:imdb_reviews: has no images \(features: label, text\); tfkd "
+                                        "trains image classifiers"):
+        from tfkd.data.tfds_source import TfdsRecords
+
+        TfdsRecords("imdb_reviews", str(tmp_path), 0.1, 0)
+    assert not any(tmp_path.iterdir())  # nothing fetched or prepared

@@ -130,7 +130,7 @@ def test_failed_export_keeps_the_previous_one(student_run, digits, tmp_path, exp
 @pytest.mark.parametrize("make,match", [
     (lambda d: d / "missing.keras", "model file not found"),
     (lambda d: d / "teacher.keras", "this is a teacher"),
-    (lambda d: d / "not_a_model.keras", "not a loadable Keras model"),
+    (lambda d: d / "not_a_model.keras", "damaged or not a .keras file"),
 ])
 def test_bad_sources(student_run, tmp_path, make, match):
     from tfkd import models

@@ -94,3 +94,28 @@ def test_minimalistic_mobilenetv3_students_match_their_published_size(name, publ
     assert multiplies == [], "hard-swish and squeeze-and-excitation are Multiply layers in Keras"
     full_kind = models.get(f"keras:{base}", 10, (96, 96, 3)).get_layer(base.lower())
     assert [l for l in full_kind.layers if type(l).__name__ == "Multiply"], "the check can fail"
+
+
+def test_offline_imagenet_weights_name_the_option_and_the_file_to_place(monkeypatch, tmp_path):
+    """No network: the error names the key, the file Keras looks for and the folder to put it in,
+    and the pipeline asks before any data is decoded (nothing is written in the run folder)."""
+    from keras.src.utils import file_utils
+
+    from tfkd import train
+    from tfkd.errors import ModelError
+    from tfkd.models.applications import check_weights
+
+    def offline(fname=None, origin=None, *args, **kwargs):
+        raise Exception(f"URL fetch failure on {origin}")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
+    with pytest.raises(ModelError, match=r"option 'student.weights' = 'imagenet': keras:MobileNetV3Small: its "
+                                         r"ImageNet weights are not in Keras's cache .* place (\S+\.h5) \(from "):
+        check_weights("student.weights", "keras:MobileNetV3Small", "imagenet", (96, 96, 3))
+    check_weights("student.weights", "keras:MobileNetV3Small", None, (96, 96, 3))  # no weights: nothing to fetch
+    check_weights("student.weights", "resnet8", "imagenet", (32, 32, 3))  # not a keras: network (config refuses it)
+    run = tmp_path / "run"
+    code = train.main(["--stage", "distill", "--method", "student", "--student-model", "keras:MobileNetV2",
+                       "--set", "student.weights=imagenet", "--run-dir", str(run), "--epochs", "1"])
+    assert code == 4 and not run.exists()

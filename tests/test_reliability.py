@@ -303,7 +303,7 @@ def test_hostile_export_inputs(tmp_path, capsys):
 
     ReconstructionTeacher(models.get("resnet8", 10)).save(tmp_path / "teacher.keras")
     (tmp_path / "junk.keras").write_bytes(b"junk")
-    cases = [(tmp_path / "teacher.keras", "this is a teacher"), (tmp_path / "junk.keras", "not a loadable"),
+    cases = [(tmp_path / "teacher.keras", "this is a teacher"), (tmp_path / "junk.keras", "damaged or not a .keras file"),
              (tmp_path / "none.keras", "not found")]
     for source, match in cases:
         assert export.main([str(source), "--out", str(tmp_path / "out")]) == 4

@@ -200,7 +200,7 @@ def odd_models(tmp_path_factory):
 @pytest.mark.parametrize("teacher,extra,code,match", [
     ("five_classes.keras", [], 4, "the teacher has 5 classes, dataset digits has 10"),
     ("plain.keras", [], 4, "not a tfkd teacher"),
-    ("garbage.keras", [], 4, "not a loadable Keras model"),
+    ("garbage.keras", [], 4, "garbage.keras: damaged or not a .keras file"),
     ("missing.keras", [], 4, "missing.keras: teacher file not found"),
     (None, ["--set", "distill.stages=5"], 4, "distill.cft.stages = '5': stages run from 1 to 3"),
     (None, ["--method", "mktn"], 2, "expected 2 teacher file(s) for method mktn"),

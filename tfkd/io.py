@@ -51,21 +51,38 @@ def load_keras(path: str | os.PathLike, default_name: str, what: str) -> tuple[A
     """Loads a ``.keras`` file (or ``default_name`` inside a run folder) in Keras's safe mode,
     which refuses to run code stored in the file; returns the model and the file's path.
 
-    Raises ``ModelError`` naming the file when it is missing or cannot be loaded.
+    Raises ``ModelError`` naming the file and what tfkd needs instead when it is missing, a
+    SavedModel folder, a subclassed model's file, damaged, or cannot be loaded.
     """
+    import zipfile
+
     import keras
 
     from tfkd.errors import ModelError
 
     path = Path(path)
+    accepted = ("tfkd reads a functional Keras model saved as a .keras file (model.save('x.keras'); "
+                "a subclassed model: rebuild it as keras.Model(inputs, outputs) first), or a run "
+                "folder that holds one")
     if path.is_dir():
+        if not (path / default_name).is_file() and (path / "saved_model.pb").is_file():
+            raise ModelError(f"{path}: a SavedModel folder, which has no Keras layers to read: {accepted}")
+        if not (path / default_name).is_file():
+            raise ModelError(f"{path}: no {default_name} in this folder: {accepted}")
         path = path / default_name
     if not path.is_file():
         raise ModelError(f"{path}: {what} file not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: damaged or not a .keras file (a .keras file is a zip archive; this "
+                         "one is cut short or of another format): save the model again")
     try:
         return keras.saving.load_model(path, safe_mode=True), path
     except Exception as error:  # Keras raises many types for a corrupt or foreign file
         first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        if "Could not locate class" in first_line:
+            name = first_line.split("'")[1] if first_line.count("'") >= 2 else "?"
+            raise ModelError(f"{path}: a subclassed model (class {name!r}), whose layer graph "
+                             f"tfkd cannot read: {accepted}") from None
         raise ModelError(f"{path}: not a loadable Keras model ({type(error).__name__}"
                          f"{': ' + first_line if first_line else ''})") from None
 

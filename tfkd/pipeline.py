@@ -602,6 +602,13 @@ def _run_stages(cfg: config_lib.RunConfig, retrain: bool) -> dict[str, Any]:
         tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
     run_dir = Path(cfg.run_dir)
+    from tfkd.models.applications import check_weights
+
+    side = cfg.data.image_size or 224  # the size the weights file is chosen for (its default)
+    for part in ([cfg.teacher] if cfg.stage in ("teacher", "all") else []) + \
+            ([cfg.student] if cfg.stage in ("distill", "all") else []):
+        key = "teacher" if part is cfg.teacher else "student"
+        check_weights(f"{key}.weights", part.model, part.weights, (side, side, 3))  # offline: before any data
     data = data_lib.load(cfg.data, cfg.seed)
     plan = teacher_plan(cfg)
     needed = teachers_needed(cfg.distill.method)

@@ -375,5 +375,6 @@ def read_dataset_record(run_dir: str | os.PathLike) -> dict[str, Any] | None:
             raise ValueError
         return data
     except (OSError, ValueError):
-        raise ConfigError(f"{path}: damaged (expected the JSON tfkd writes); remove the run folder "
-                          "or choose another --run-dir") from None
+        raise ConfigError(f"{path}: damaged (it should hold the JSON record of the run's data that "
+                          "tfkd writes); move it aside (the trained models stay) and run the same "
+                          "tfkd.train command on the same data: it writes the record again") from None

@@ -37,6 +37,7 @@ def _builder(name: str, data_dir: Optional[str]) -> Any:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"tfds:{name}: {first} (TensorFlow Datasets names: tfds.list_builders(); "
                         f"a dataset of your own: prepare it in data.data_dir)") from None
+    _keys(builder, name)  # a dataset without images is refused before anything is downloaded
     if builder.is_prepared():
         return builder
     where = data_dir or "TensorFlow Datasets' folder (~/tensorflow_datasets)"
@@ -68,6 +69,9 @@ def _keys(builder: Any, name: str) -> tuple[str, str]:
     import tensorflow_datasets as tfds
 
     features = builder.info.features
+    if not any(isinstance(f, tfds.features.Image) for f in features.values()):
+        raise DataError(f"tfds:{name}: has no images (features: {', '.join(sorted(features.keys()))}); "
+                        "tfkd trains image classifiers: expected an Image and a ClassLabel feature")
     keys = builder.info.supervised_keys
     if keys and len(keys) == 2 and isinstance(keys[0], str) and isinstance(keys[1], str):
         image_key, label_key = keys

@@ -22,6 +22,7 @@ without importing Keras.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
@@ -147,7 +148,17 @@ def _application(name: str, input_shape: Sequence[int], weights: str | None) -> 
     from tfkd.errors import ModelError
     from tfkd.models import wrap
 
+    from keras.src.utils import file_utils
+
     net, kwargs = _network_and_options(name)
+    asked: list[tuple[str, str, str]] = []  # (file name, origin, cache folder) Keras looks for
+    fetch = file_utils.get_file
+
+    def recording(fname: Any = None, origin: Any = None, *args: Any, **options: Any) -> Any:
+        asked.append((str(fname), str(origin), str(options.get("cache_subdir", "datasets"))))
+        return fetch(fname, origin, *args, **options)
+
+    file_utils.get_file = recording  # the applications call it by this module attribute
     try:
         base = getattr(keras.applications, net)(include_top=False, weights=weights,
                                                  input_shape=tuple(input_shape), **kwargs)
@@ -156,11 +167,34 @@ def _application(name: str, input_shape: Sequence[int], weights: str | None) -> 
                          f"{str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - a download that cannot happen offline
         if weights == "imagenet":
+            if asked:
+                fname, origin, folder = asked[-1]
+                home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+                raise ModelError(f"{name}: its ImageNet weights are not in Keras's cache and could not be "
+                                 f"downloaded ({type(error).__name__}): place {fname} (from {origin}, "
+                                 f"fetched on a connected machine) in {home / folder}, or give its path "
+                                 "as the weights") from None
             raise ModelError(f"{name}: the ImageNet weights could not be downloaded ({type(error).__name__}): "
                              "on a machine without internet access, download them elsewhere and "
                              "pass the file as weights") from None
         raise
+    finally:
+        file_utils.get_file = fetch
     return base, wrap.named(NETWORKS[net], f"keras.applications.{net}")
+
+
+def check_weights(key: str, name: str, weights: str | None, input_shape: Sequence[int]) -> None:
+    """Makes sure the ImageNet weights of ``keras:`` network ``name`` are at hand (Keras's cache,
+    or downloaded now) before any data is decoded; ``ModelError`` naming the option ``key`` and
+    the file to place otherwise."""
+    from tfkd.errors import ModelError
+
+    if weights != "imagenet" or not name.startswith("keras:"):
+        return
+    try:
+        _application(name, input_shape, weights)
+    except ModelError as error:
+        raise ModelError(f"option '{key}' = 'imagenet': {error}") from None
 
 
 def hub_convention(preset: str) -> Any:
