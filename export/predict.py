@@ -19,14 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import EdgeModel, KitError, KitParser, count, softmax
+from runtimes import EdgeModel, KitError, KitParser, count
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
+#: The background a transparent pixel shows (tfkd.data.transforms.BACKGROUND): white.
+BACKGROUND = 255
+
+
+def _composite(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 over the white background, as training does: (c * a + 255 * (255 - a) + 127) // 255."""
+    color, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((color * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
 def _to_rgb(image):
     """RGB at 8 bits as tfkd's training decodes it: 16-bit images keep their high byte (a plain
-    ``convert("RGB")`` clips 16-bit grayscale to white); alpha is dropped, not composited."""
+    ``convert("RGB")`` clips 16-bit grayscale to white); alpha (RGBA, gray + alpha, a palette
+    with transparency) is composited on white."""
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -36,6 +47,8 @@ def _to_rgb(image):
         else:
             gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return Image.fromarray(_composite(np.asarray(image.convert("RGBA"))), "RGB")
     return image.convert("RGB")
 
 
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         model = EdgeModel(args.model, args.threads, args.image_size)
         names, images = load_inputs(args.inputs, model.image_size,
                                     preprocessing_of(Path(args.model), model.image_size))
-        probabilities = softmax(model.logits(model.check(images)))
+        probabilities = model.probabilities(model.check(images))
         labels = read_labels(Path(args.model), args.labels, probabilities.shape[1])
     except KitError as error:
         print(f"predict: error: {error}", file=sys.stderr)

@@ -13,6 +13,79 @@ from pathlib import Path
 import numpy as np
 
 MODEL_SUFFIXES = (".onnx", ".tflite")
+#: Ops that pass a tensor through unchanged in value (looked through to find what made an output).
+_ONNX_PASS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
+_TFLITE_PASS = ("RESHAPE", "SQUEEZE", "DEQUANTIZE", "QUANTIZE", "CAST")
+
+
+def _varint(data, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data, start: int, end: int):
+    """(field number, value) of the protobuf message in ``data[start:end]``: an int for a
+    varint, (start, end) of the bytes for a length-delimited field, None for fixed-size ones."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(data, pos)
+        wire = key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            value, pos = (pos, pos + size), pos + size
+        elif wire in (1, 5):
+            value, pos = None, pos + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def onnx_producers(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """Tensor name -> (op type, input names) of the node making it, read from the ONNX file's
+    graph (ModelProto.graph = 7; GraphProto.node = 1; NodeProto input 1, output 2, op_type 4)
+    without the onnx package."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        text = lambda span: bytes(data[span[0]:span[1]]).decode("utf-8", "replace")  # noqa: E731
+        producers = {}
+        for field, graph in _fields(data, 0, len(data)):
+            if field != 7 or not isinstance(graph, tuple):
+                continue
+            for gfield, node in _fields(data, *graph):
+                if gfield != 1 or not isinstance(node, tuple):
+                    continue
+                inputs, outputs, op = [], [], ""
+                for nfield, value in _fields(data, *node):
+                    if nfield == 1 and isinstance(value, tuple):
+                        inputs.append(text(value))
+                    elif nfield == 2 and isinstance(value, tuple):
+                        outputs.append(text(value))
+                    elif nfield == 4 and isinstance(value, tuple):
+                        op = text(value)
+                for name in outputs:
+                    producers[name] = (op, inputs)
+        return producers
+
+
+def last_op(producers: dict, name, passing: tuple[str, ...]) -> str | None:
+    """The op that made tensor ``name``, looking through ops that pass values through."""
+    for _ in range(64):
+        if name not in producers:
+            return None
+        op, inputs = producers[name]
+        if op not in passing or not inputs:
+            return op
+        name = inputs[0]
+    return None
 
 
 class KitError(Exception):
@@ -79,8 +152,11 @@ class EdgeModel:
         spatial = shape[2:4] if self.layout == "NCHW" else shape[1:3]
         self.channels = int(shape[1] if self.layout == "NCHW" else shape[3])
         if self.channels != 3:
-            raise KitError(f"{self.path}: input {self.input_name!r} has {self.channels} channels "
-                           f"(shape {shape}); the kit feeds RGB images", 4)
+            kind = {1: "grayscale (1-channel)", 4: "4-channel"}.get(self.channels, f"{self.channels}-channel")
+            raise KitError(f"{self.path}: the model takes {kind} images (input {self.input_name!r}, "
+                           f"shape {list(shape)}); the kit feeds 3-channel RGB pixels: export the model "
+                           "with a 3-channel input (a grayscale model can repeat its channel inside)", 4)
+        self.outputs_probabilities = self._ends_in_softmax()
         if any(d < 1 for d in spatial):
             if image_size is None:
                 raise KitError(f"{self.path}: the model takes any image size (input shape {shape}); "
@@ -122,6 +198,25 @@ class EdgeModel:
         self.input_quantization = details["quantization"]
         self.output_details = self.signature.get_output_details()
         self.output_names = list(self.output_details)
+        self.output_key = "logits"
+
+    def _ends_in_softmax(self) -> bool | None:
+        """Whether the output read (``logits``, else the only one) is made by a Softmax op
+        (a classifier exported with its softmax: its outputs are probabilities already); None
+        when the graph cannot be read (then the outputs themselves tell, in ``probabilities``)."""
+        try:
+            if self.runtime == "onnxruntime":
+                op = last_op(onnx_producers(self.path), self.output_names[self._output_index()], _ONNX_PASS)
+            else:
+                ops = self.interpreter._get_ops_details()
+                producers = {int(t): (o["op_name"], [int(i) for i in o["inputs"]]) for o in ops for t in o["outputs"]}
+                op = last_op(producers, int(self.output_details[self.output_key]["index"]), _TFLITE_PASS)
+        except Exception:  # an unreadable graph: decided from the outputs instead
+            return None
+        return None if op in (None, "DELEGATE") else op in ("Softmax", "SOFTMAX")
+
+    def _output_index(self) -> int:
+        return self.output_names.index("logits") if "logits" in self.output_names else 0
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -150,19 +245,29 @@ class EdgeModel:
         if self.layout == "NCHW":
             images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         if self.runtime == "onnxruntime":
-            index = self.output_names.index("logits") if "logits" in self.output_names else 0
-            return self.session.run(None, {self.input_name: images})[index]
+            return self.session.run(None, {self.input_name: images})[self._output_index()]
         x = images
         if self.input_dtype != np.float32:
             scale, zero = self.input_quantization
             info = np.iinfo(self.input_dtype)
             x = np.clip(np.round(images / scale + zero), info.min, info.max).astype(self.input_dtype)
-        out = self.signature(images=x)["logits"]
-        details = self.output_details["logits"]
+        out = self.signature(images=x)[self.output_key]
+        details = self.output_details[self.output_key]
         if details["dtype"] != np.float32:
             scale, zero = details["quantization"]
             out = (out.astype(np.float32) - zero) * scale
         return out
+
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities for a float32 [0, 255] NHWC batch: the softmax of the outputs, or
+        the outputs themselves when the model ends in a softmax (not softmaxed twice). When the
+        graph cannot be read, outputs that are non-negative and sum to 1 count as probabilities."""
+        out = np.asarray(self.logits(images), dtype=np.float32)
+        done = self.outputs_probabilities
+        if done is None:
+            done = bool(len(out)) and out.min() >= 0 and np.allclose(out.sum(axis=-1), 1.0, atol=1e-3)
+        return out if done else softmax(out)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

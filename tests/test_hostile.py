@@ -419,7 +419,8 @@ def _onnx_model(path: Path, shape: list) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weights = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 100, "w")
+    channels = shape[1]
+    weights = numpy_helper.from_array(np.arange(4 * channels, dtype=np.float32).reshape(channels, 4) / 100, "w")
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["flat"]),
@@ -458,6 +459,15 @@ KIT_CASES = [
     ("predict: free image size", "predict.py",
      lambda u, m: [_onnx_model(u / "dyn.onnx", ["N", 3, "H", "W"]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
      2, "the model takes any image size"),
+    ("predict: a grayscale NCHW model", "predict.py",
+     lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, 8, 8]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
+     4, "gray.onnx: the model takes grayscale (1-channel) images (input 'images', shape [-1, 1, 8, 8]); "
+        "the kit feeds 3-channel RGB pixels"),
+    ("predict: a grayscale model of any size", "predict.py",
+     lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, "H", "W"]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
+     4, "the model takes grayscale (1-channel) images"),
+    ("benchmark: a grayscale model", "benchmark.py", lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, 28, 28])],
+     4, "the model takes grayscale (1-channel) images (input 'images', shape [-1, 1, 28, 28])"),
     ("benchmark: zero runs", "benchmark.py", lambda u, m: [m, "--runs", "0"], 2, "--runs: 0: expected an integer >= 1"),
     ("benchmark: negative threads", "benchmark.py", lambda u, m: [m, "--threads", "-2"], 2, "--threads: -2"),
     ("benchmark: missing model", "benchmark.py", lambda u, m: [u / "none.onnx"], 3, "none.onnx: not found"),

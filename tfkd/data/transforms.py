@@ -88,9 +88,37 @@ def image_shape(contents: Any) -> Any:
                    lambda: tf.shape(decode(contents))[:2])
 
 
+def is_png(contents: Any) -> Any:
+    """True for PNG bytes."""
+    return tf.equal(tf.strings.substr(contents, 0, 8), b"\x89PNG\r\n\x1a\n")
+
+
+#: The background a transparent pixel shows: white, as an image viewer or a web page shows it.
+#: The ``export/`` kit composites on the same background (``predict._to_rgb``).
+BACKGROUND = 255
+
+
+def composite(color: Any, alpha: Any) -> Any:
+    """uint8 ``color`` over the white ``BACKGROUND`` with uint8 ``alpha``, in integers:
+    (c * a + 255 * (255 - a) + 127) // 255, the kit's formula to the level."""
+    c, a = tf.cast(color, tf.int32), tf.cast(alpha, tf.int32)
+    return tf.cast((c * a + BACKGROUND * (255 - a) + 127) // 255, tf.uint8)
+
+
+def _rgb(image: Any) -> Any:
+    """A uint8 image of 1 to 4 channels (gray, gray + alpha, RGB, RGBA) as RGB; alpha is
+    composited on ``BACKGROUND``."""
+    channels = tf.shape(image)[-1]
+    color = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    return tf.cond(tf.equal(channels % 2, 0), lambda: composite(color, image[..., -1:]), lambda: color)
+
+
 def decode(contents: Any) -> Any:
-    """Any PNG/JPEG/BMP/GIF (grayscale, RGBA, 16-bit) as uint8 RGB; 16-bit keeps its high byte."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+    """Any PNG/JPEG/BMP/GIF (grayscale, RGBA, 16-bit) as uint8 RGB; 16-bit keeps its high byte;
+    a PNG's alpha (RGBA, gray + alpha, or a palette with transparency) is composited on white."""
+    image = tf.cond(is_png(contents),
+                    lambda: _rgb(tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.uint8)),
+                    lambda: tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8))
     image.set_shape([None, None, 3])
     return image
 
