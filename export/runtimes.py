@@ -1,8 +1,10 @@
 """Edge runtimes behind one interface, for ``predict.py`` and ``benchmark.py``.
 
 Only numpy and ONNX Runtime or LiteRT (``ai-edge-litert``) are needed; TensorFlow is never
-imported. Every model takes ``images``: float32 NHWC pixels in [0, 255] (a model exported with
-``--int8-io int8/uint8`` takes integers; this module quantizes the pixels for it).
+imported. Every tfkd model takes ``images``: float32 NHWC pixels in [0, 255] (a model exported
+with ``--int8-io int8/uint8`` takes integers; this module quantizes the pixels for it) and gives
+``logits``; another tool's classifier with one input and one output is run through those,
+whatever their names (``NEEDS`` says what is refused).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from pathlib import Path
 import numpy as np
 
 MODEL_SUFFIXES = (".onnx", ".tflite")
+#: What the kit runs, said when a model is not that.
+NEEDS = ("the kit runs an image classifier with one image input ([N, H, W, 3] or [N, 3, H, W] pixels "
+         "in [0, 255]) and one output of class scores [N, classes], or an input named 'images' and "
+         "an output named 'logits'")
 #: Ops that pass a tensor through unchanged in value (looked through to find what made an output).
 _ONNX_PASS = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast")
 _TFLITE_PASS = ("RESHAPE", "SQUEEZE", "DEQUANTIZE", "QUANTIZE", "CAST")
@@ -146,8 +152,7 @@ class EdgeModel:
             raise KitError(f"{self.path}: {self.runtime} cannot load it ({type(error).__name__})", 4) from None
         shape = self.input_shape
         if len(shape) != 4:
-            raise KitError(f"{self.path}: input {self.input_name!r} has shape {shape}; the kit runs "
-                           "image classifiers with a 4-D (batch, height, width, channels) input", 4)
+            self._refuse(f"input {self.input_name!r} has shape {list(shape)}, not 4-D")
         self.layout = "NCHW" if shape[1] in (1, 3) and shape[3] not in (1, 3) else "NHWC"
         spatial = shape[2:4] if self.layout == "NCHW" else shape[1:3]
         self.channels = int(shape[1] if self.layout == "NCHW" else shape[3])
@@ -167,18 +172,39 @@ class EdgeModel:
                            "images only", 2)
         self.spatial = (int(spatial[0]), int(spatial[1]))
 
+    def _refuse(self, problem: str) -> None:
+        raise KitError(f"{self.path}: {problem}; {NEEDS}", 4)
+
+    def _choose(self, kind: str, names: list[str], preferred: str) -> str:
+        """The input or output the kit uses: the one named ``preferred``, else the only one."""
+        if preferred in names:
+            return preferred
+        if len(names) != 1:
+            self._refuse(f"{len(names)} {kind}s ({', '.join(repr(n) for n in names) or 'none'}) and none "
+                         f"named {preferred!r}")
+        return names[0]
+
     def _load_onnx(self, threads: int) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: no optimizer notes on the user's console
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        spec = self.session.get_inputs()[0]
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        spec = inputs[self._choose("input", list(inputs), "images")]
+        self.output_names = [self._choose("output", outputs, "logits")]  # the one output read
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+        if spec.type not in types:
+            self._refuse(f"input {spec.name!r} is {spec.type}, not float pixels")
         self.input_name = spec.name
         self.input_shape = tuple(d if isinstance(d, int) else -1 for d in spec.shape)
-        self.input_dtype = np.float32
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_dtype = types[spec.type]
+        shape = next(o.shape for o in self.session.get_outputs() if o.name == self.output_names[0])
+        if isinstance(shape, (list, tuple)) and len(shape) != 2:
+            self._refuse(f"output {self.output_names[0]!r} has shape {list(shape)}, not [N, classes]")
 
     def _load_tflite(self, threads: int) -> None:
         from ai_edge_litert.interpreter import Interpreter
@@ -190,15 +216,42 @@ class EdgeModel:
 
             self.interpreter = Interpreter(model_path=str(self.path), num_threads=threads or None,
                                            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-        self.signature = self.interpreter.get_signature_runner("serving_default")
-        details = self.signature.get_input_details()["images"]
-        self.input_name = "images"
+        signatures = list(self.interpreter.get_signature_list())
+        if signatures:  # tfkd's files, and most converters': run through the signature
+            key = self._choose("signature", signatures, "serving_default")
+            self.signature = self.interpreter.get_signature_runner(key)
+            inputs = self.signature.get_input_details()
+            self.output_details = self.signature.get_output_details()
+        else:  # a file without signatures (older converters): its input and output tensors
+            self.signature = None
+            self.interpreter.allocate_tensors()
+            inputs = {d["name"]: d for d in self.interpreter.get_input_details()}
+            self.output_details = {d["name"]: d for d in self.interpreter.get_output_details()}
+        self.input_name = self._choose("input", list(inputs), "images")
+        self.output_key = self._choose("output", list(self.output_details), "logits")
+        self.output_names = [self.output_key]
+        details = self.input_details = inputs[self.input_name]
         self.input_shape = tuple(int(d) for d in details["shape_signature"])
         self.input_dtype = details["dtype"]
         self.input_quantization = details["quantization"]
-        self.output_details = self.signature.get_output_details()
-        self.output_names = list(self.output_details)
-        self.output_key = "logits"
+        if not (self.input_dtype == np.float32 or np.issubdtype(self.input_dtype, np.integer)):
+            self._refuse(f"input {self.input_name!r} is {np.dtype(self.input_dtype).name}, not float32 or "
+                         "quantized integer pixels")
+        out = self.output_details[self.output_key]
+        if len(out["shape_signature"]) != 2:
+            self._refuse(f"output {self.output_key!r} has shape {[int(d) for d in out['shape_signature']]}, "
+                         "not [N, classes]")
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
+        """Runs a LiteRT model without signatures on ``x`` (resizing its batch when needed)."""
+        index = self.input_details["index"]
+        current = next(d["shape"] for d in self.interpreter.get_input_details() if d["index"] == index)
+        if tuple(current) != x.shape:
+            self.interpreter.resize_tensor_input(index, list(x.shape), strict=False)
+            self.interpreter.allocate_tensors()
+        self.interpreter.set_tensor(index, x)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output_details[self.output_key]["index"]).copy()
 
     def _ends_in_softmax(self) -> bool | None:
         """Whether the output read (``logits``, else the only one) is made by a Softmax op
@@ -206,7 +259,7 @@ class EdgeModel:
         when the graph cannot be read (then the outputs themselves tell, in ``probabilities``)."""
         try:
             if self.runtime == "onnxruntime":
-                op = last_op(onnx_producers(self.path), self.output_names[self._output_index()], _ONNX_PASS)
+                op = last_op(onnx_producers(self.path), self.output_names[0], _ONNX_PASS)
             else:
                 ops = self.interpreter._get_ops_details()
                 producers = {int(t): (o["op_name"], [int(i) for i in o["inputs"]]) for o in ops for t in o["outputs"]}
@@ -214,9 +267,6 @@ class EdgeModel:
         except Exception:  # an unreadable graph: decided from the outputs instead
             return None
         return None if op in (None, "DELEGATE") else op in ("Softmax", "SOFTMAX")
-
-    def _output_index(self) -> int:
-        return self.output_names.index("logits") if "logits" in self.output_names else 0
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -245,17 +295,26 @@ class EdgeModel:
         if self.layout == "NCHW":
             images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         if self.runtime == "onnxruntime":
-            return self.session.run(None, {self.input_name: images})[self._output_index()]
+            out = self.session.run(self.output_names, {self.input_name: images.astype(self.input_dtype)})[0]
+            return self._scores(np.asarray(out, dtype=np.float32))
         x = images
         if self.input_dtype != np.float32:
             scale, zero = self.input_quantization
             info = np.iinfo(self.input_dtype)
-            x = np.clip(np.round(images / scale + zero), info.min, info.max).astype(self.input_dtype)
-        out = self.signature(images=x)[self.output_key]
+            x = np.clip(np.round(images / scale + zero if scale else images), info.min, info.max).astype(self.input_dtype)
+        if self.signature is not None:
+            out = self.signature(**{self.input_name: x})[self.output_key]
+        else:
+            out = self._invoke(x)
         details = self.output_details[self.output_key]
         if details["dtype"] != np.float32:
             scale, zero = details["quantization"]
-            out = (out.astype(np.float32) - zero) * scale
+            out = (out.astype(np.float32) - zero) * scale if scale else out.astype(np.float32)
+        return self._scores(out)
+
+    def _scores(self, out: np.ndarray) -> np.ndarray:
+        if out.ndim != 2:
+            self._refuse(f"output {self.output_names[0]!r} gave shape {list(out.shape)}, not [N, classes]")
         return out
 
 

@@ -431,6 +431,38 @@ def _onnx_model(path: Path, shape: list) -> Path:
     return path
 
 
+def _onnx_graph(path: Path, inputs: dict, outputs: dict, nodes: list) -> Path:
+    """An ONNX model of ``nodes`` (op, inputs, outputs[, attributes]) with ``inputs``/``outputs`` name ->
+    (element type, shape), and the weight ``w`` (3 x 4)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, i, o, **(extra[0] if extra else {})) for op, i, o, *extra in nodes], "other",
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in inputs.items()],
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in outputs.items()],
+        [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 100, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+_F = 1  # onnx.TensorProto.FLOAT
+_HEAD = [("GlobalAveragePool", ["x"], ["p"]), ("Flatten", ["p"], ["f"]), ("MatMul", ["f", "w"], ["out"])]
+OTHER_MODELS = {
+    "two inputs": ({"a": (_F, ["N", 3, 8, 8]), "b": (_F, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4])},
+                   [("Add", ["a", "b"], ["x"]), *_HEAD]),
+    "two outputs": ({"x": (_F, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4]), "pooled": (_F, ["N", 3, 1, 1])},
+                    [*_HEAD, ("Identity", ["p"], ["pooled"])]),
+    "a 4-D output": ({"x": (_F, ["N", 3, 8, 8])}, {"p": (_F, ["N", 3, 1, 1])}, _HEAD[:1]),
+    "integer input": ({"i": (7, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4])}, [("Cast", ["i"], ["x"], {"to": _F}), *_HEAD]),
+}
+
+
+def _other(user: Path, name: str) -> Path:
+    inputs, outputs, nodes = OTHER_MODELS[name]
+    return _onnx_graph(user / "other.onnx", inputs, outputs, nodes)
+
+
 def _png(path: Path, array: np.ndarray) -> Path:
     from PIL import Image
 
@@ -468,6 +500,21 @@ KIT_CASES = [
      4, "the model takes grayscale (1-channel) images"),
     ("benchmark: a grayscale model", "benchmark.py", lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, 28, 28])],
      4, "the model takes grayscale (1-channel) images (input 'images', shape [-1, 1, 28, 28])"),
+    ("predict: another tool's model with two inputs", "predict.py",
+     lambda u, m: [_other(u, "two inputs"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: 2 inputs ('a', 'b') and none named 'images'; the kit runs an image classifier with one "
+     "image input ([N, H, W, 3] or [N, 3, H, W] pixels in [0, 255]) and one output of class scores [N, classes]"),
+    ("predict: another tool's model with two outputs", "predict.py",
+     lambda u, m: [_other(u, "two outputs"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: 2 outputs ('out', 'pooled') and none named 'logits'; the kit runs"),
+    ("predict: another tool's model with a 4-D output", "predict.py",
+     lambda u, m: [_other(u, "a 4-D output"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: output 'p' has shape ['N', 3, 1, 1], not [N, classes]; the kit runs"),
+    ("predict: another tool's model with an integer input", "predict.py",
+     lambda u, m: [_other(u, "integer input"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: input 'i' is tensor(int64), not float pixels; the kit runs"),
+    ("benchmark: another tool's model with two inputs", "benchmark.py", lambda u, m: [_other(u, "two inputs")], 4,
+     "other.onnx: 2 inputs ('a', 'b') and none named 'images'"),
     ("benchmark: zero runs", "benchmark.py", lambda u, m: [m, "--runs", "0"], 2, "--runs: 0: expected an integer >= 1"),
     ("benchmark: negative threads", "benchmark.py", lambda u, m: [m, "--threads", "-2"], 2, "--threads: -2"),
     ("benchmark: missing model", "benchmark.py", lambda u, m: [u / "none.onnx"], 3, "none.onnx: not found"),

@@ -289,3 +289,42 @@ def test_predict_on_a_transparent_image_is_predict_on_it_composited(no_tensorflo
     lines = result.stdout.strip().splitlines()
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]
     assert not np.array_equal(composite.astype(np.uint8), np.zeros_like(image))
+
+
+def _unsigned_tflite(path, softmax=False):
+    """A .tflite without signatures (TensorFlow 1's session converter, as older tools wrote
+    them): input 'input' [N, 8, 8, 3], output 'scores' (mean pixel x a fixed matrix)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="input")
+        y = tf.matmul(tf.reduce_mean(x, [1, 2]), tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4) / 100))
+        y = tf.identity(tf.nn.softmax(y) if softmax else y, name="scores")
+        with tf.compat.v1.Session(graph=graph) as session:
+            path.write_bytes(tf.compat.v1.lite.TFLiteConverter.from_session(session, [x], [y]).convert())
+    return path
+
+
+@pytest.mark.parametrize("case", ["tflite named pixels/scores", "tflite for batch 1", "tflite without signatures",
+                                  "tflite without signatures, softmax", "onnx named input_1/Identity:0"])
+def test_the_kit_runs_another_tools_single_input_classifier(no_tensorflow, pictures, tmp_path, case):
+    folder, pixels = pictures
+    x = pixels.astype(np.float32)
+    if case.startswith("tflite without"):
+        softmax = case.endswith("softmax")
+        path = _unsigned_tflite(tmp_path / "old.tflite", softmax)
+        logits = x.mean(axis=(1, 2)) @ (np.arange(12, dtype=np.float32).reshape(3, 4) / 100)
+    else:
+        model, softmax = _classifier(softmax=False), False
+        logits = model.predict(x, verbose=0)
+        path = (_onnx(model, tmp_path / "m.onnx") if case.startswith("onnx") else
+                _tflite(model, tmp_path / "m.tflite", "pixels", "scores", batch=1 if "batch 1" in case else None))
+    result = kit(no_tensorflow, "predict.py", path, *sorted(folder.glob("p*.png")), "--top", "4")
+    assert result.returncode == 0, result.stderr
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    for got, want in zip(_printed(result.stdout), e / e.sum(1, keepdims=True)):
+        np.testing.assert_allclose([got[str(i)] for i in range(4)], want, atol=6e-4)
+    bench = kit(no_tensorflow, "benchmark.py", path, "--runs", "3", "--warmup", "1", "--batch-sizes", "2",
+                "--out", tmp_path / "b")
+    assert bench.returncode == 0, bench.stderr
