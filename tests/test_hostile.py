@@ -270,18 +270,51 @@ def test_help_shows_every_default():
 
 
 # ----------------------------------------------------------------------------- what must work
-def test_export_replaces_only_its_own_files(tmp_path, finished_run):
+def test_export_replaces_only_its_own_files(tmp_path, finished_run, capsys):
     out = tmp_path / "artifacts"
     export.export(finished_run, out, ["fp32", "int8"], max_test_images=40, representative=20, latency_runs=2)
+    assert "tfkd: note:" not in capsys.readouterr().out  # a new folder: nothing to say
     (out / "benchmark.json").write_text("{}")  # what export/benchmark.py writes beside a model
+    (out / "benchmark.png").write_bytes(b"png")
     (out / "my-notes.txt").write_text("kept\n")
     old_card = (out / "model_card.json").read_bytes()
     card = export.export(finished_run, out, ["fp32"], max_test_images=40, latency_runs=2)
     names = {p.name for p in out.iterdir()}
     assert names == {"model_fp32.tflite", "labels.txt", "model_card.json", "model_card.md",
-                     "benchmark.json", "my-notes.txt"}  # its old int8 model is gone, the rest stays
+                     "benchmark.json", "benchmark.png", "my-notes.txt"}  # its old int8 model is gone, the rest stays
     assert (out / "my-notes.txt").read_text() == "kept\n" and (out / "model_card.json").read_bytes() != old_card
+    assert (out / "benchmark.json").read_text() == "{}" and (out / "benchmark.png").read_bytes() == b"png"
     assert card[export.MARKER]["files"] == ["labels.txt", "model_card.json", "model_card.md", "model_fp32.tflite"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tfkd: note:")]
+    assert notes == [f"tfkd: note: {out}: removed 1 file(s) of the previous export that this one does not "
+                     "write: model_int8.tflite; kept benchmark.json, benchmark.png, export/benchmark.py's "
+                     "timings of the previous files, now stale (run it again); left 1 other file(s) as they "
+                     "are: my-notes.txt"]
+
+
+@pytest.mark.parametrize("first,second,extra,summary", [
+    ("fp32,saved_model", "fp32", [], "; removed 1 file(s) of the previous export that this one does not write: "
+                                     "saved_model"),
+    ("fp32,saved_model", "fp32", ["benchmark.json"], "; removed 1 file(s) of the previous export that this one does "
+                                                     "not write: saved_model; kept benchmark.json, stale"),
+    ("fp32", "fp32", ["benchmark.json", "benchmark.png", "mine.txt"], "; kept benchmark.json, benchmark.png, stale"),
+    ("fp32", "fp32,saved_model", [], ""),
+])
+def test_a_re_export_says_in_its_summary_what_it_removed_and_kept(tmp_path, finished_run, capsys, first, second,
+                                                                   extra, summary):
+    out = tmp_path / "artifacts"
+    common = [str(finished_run), "--out", str(out), "--max-test-images", "20", "--latency-runs", "1",
+              "--max-drop", "none"]
+    assert export.main([*common, "--formats", first]) == 0
+    for name in extra:
+        (out / name).write_text(name)
+    capsys.readouterr()
+    assert export.main([*common, "--formats", second]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tfkd: exported")]
+    assert lines == [f"tfkd: exported {len(second.split(','))} formats to {out}{summary}"]
+    assert {p.name for p in out.iterdir()} == {*export.export_files(second.split(",")), *extra}
+    for name in extra:
+        assert (out / name).read_text() == name  # the user's and the kit's files: untouched
 
 
 def test_model_card_holds_no_nan():
