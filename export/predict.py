@@ -6,9 +6,10 @@
     python predict.py model.onnx batch.npy          # (N, H, W, 3) pixels in [0, 255]
 
 Prints the top classes of each input. Labels come from labels.txt beside the model. Images are
-cropped and resized to the model's input as training did (``preprocessing`` in model_card.json
-beside the model: the whole image stretched, or the centred square of a fraction of the shorter
-side; without a card, models above 64 px get the 0.875 centre crop).
+turned upright by their EXIF orientation (JPEG), then cropped and resized to the model's input
+as training did (``preprocessing`` in model_card.json beside the model: the whole image
+stretched, or the centred square of a fraction of the shorter side; without a card, models
+above 64 px get the 0.875 centre crop).
 Exit codes: 0 done, 2 bad arguments, 3 bad input, 4 bad model.
 """
 
@@ -88,7 +89,7 @@ def load_image(path: Path, size: tuple[int, int], preprocessing: dict | None = N
     cropped and resized as training did (``preprocessing``: ``preprocessing_of``)."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     preprocessing = preprocessing or {"resize": "stretch"}
     try:
@@ -96,6 +97,8 @@ def load_image(path: Path, size: tuple[int, int], preprocessing: dict | None = N
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
+                if image.format in ("JPEG", "MPO"):  # upright, as training turns it (EXIF orientation)
+                    image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image)
             box = crop_box(image.size[0], image.size[1], preprocessing)
             if box != (0, 0, size[1], size[0]) or image.size != (size[1], size[0]):

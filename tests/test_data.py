@@ -394,3 +394,84 @@ def test_a_folder_dataset_is_what_the_user_sees_in_it(tmp_path):
     assert any("2 hidden image files left out" in note for note in listing.notes), listing.notes
     prepared = data.prepare(f"folder:{root}", image_size=32, pipeline="streaming")
     assert prepared.class_names == ["cat", "dog"] and prepared.count("train") + prepared.count("val") + prepared.count("test") == 20
+
+
+# --------------------------------------------------------------------- phone photos: EXIF
+def _kit():
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "export")
+    sys.path.insert(0, folder)
+    try:
+        import predict
+    finally:
+        sys.path.remove(folder)
+    return predict
+
+
+def _upright(seed):
+    """An upright 48-wide, 80-tall picture: four coloured quadrants and a white top-left corner."""
+    picture = np.zeros((80, 48, 3), np.uint8)
+    colours = np.random.default_rng(seed).integers(20, 200, (4, 3))
+    picture[:40, :24], picture[:40, 24:], picture[40:, :24], picture[40:, 24:] = colours
+    picture[:12, :12] = 255
+    return picture
+
+
+#: EXIF orientation -> the Pillow transpose that stores an upright picture that way.
+STORED_AS = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _phone_folder(root):
+    """train/ and test/ folders of two classes of JPEGs stored sideways (EXIF orientation 6 and
+    8, as phones write them), upside down (3) and upright (1); returns the upright pictures by
+    file name."""
+    upright = {}
+    for split in ("train", "test"):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for o, turn in STORED_AS.items():
+                picture = _upright(len(upright))
+                stored = Image.fromarray(picture)
+                stored = stored.transpose(turn) if turn is not None else stored
+                exif = Image.Exif()
+                exif[0x0112] = o
+                path = root / split / name / f"o{o}.jpg"
+                stored.save(path, quality=95, exif=exif.tobytes())
+                upright[str(path)] = picture
+    return upright
+
+
+@pytest.mark.parametrize("size", [32, 72])
+def test_exif_orientation_is_honoured_alike_by_both_pipelines_the_export_and_the_kit(tmp_path, size):
+    from pathlib import Path
+
+    predict = _kit()
+    upright = _phone_folder(tmp_path / "phone")
+    kit_upright = {}
+    for path, picture in upright.items():  # the same picture as an upright PNG, through the kit
+        Image.fromarray(picture).save(tmp_path / "u.png")
+        kit_upright[path] = predict.load_image(tmp_path / "u.png", (size, size), data.Geometry(size).record())
+    results = {}
+    for pipeline in ("streaming", "memory"):  # the same files in the same order (the stream's paths)
+        prepared = data.prepare(f"folder:{tmp_path / 'phone'}", image_size=size, pipeline=pipeline,
+                                validation_fraction=0)
+        results[pipeline] = prepared
+        # what the export verifies on (and the test accuracy): pixel_batches of the test split
+        checked, _ = prepared.pixels("test")
+        # what training sees (without augmentation), de-normalized, in file order
+        n = prepared.count("train")
+        inputs, _ = next(iter(prepared.train_dataset(n, augment=False, with_index=True)))
+        order = np.argsort(inputs["index"].numpy())
+        trained = inputs["images"].numpy()[order] * prepared.std + prepared.mean
+        for split, pixels in (("test", checked), ("train", trained)):
+            files = results["streaming"].records.paths[split]
+            kit = np.stack([predict.load_image(Path(p), (size, size), prepared.geometry.record()) for p in files])
+            diff = np.abs(pixels.astype(np.float32) - kit)
+            assert diff.mean() < (1.0 if pipeline == "streaming" else 3.0), (pipeline, split, diff.mean())
+            for p, got in zip(files, kit):  # upright: as the same picture stored upright
+                assert np.abs(got - kit_upright[str(p)]).mean() < 2.0, p
+                if size == 32:  # stretched whole: the white corner is top left (72 px crops it off)
+                    assert got[:2, :2].min() > 200
+    np.testing.assert_array_equal(results["memory"].labels("test"), results["streaming"].labels("test"))
