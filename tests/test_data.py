@@ -475,3 +475,102 @@ def test_exif_orientation_is_honoured_alike_by_both_pipelines_the_export_and_the
                 if size == 32:  # stretched whole: the white corner is top left (72 px crops it off)
                     assert got[:2, :2].min() > 200
     np.testing.assert_array_equal(results["memory"].labels("test"), results["streaming"].labels("test"))
+
+
+# ------------------------------------------------------------ every format Pillow reads
+def _format_cases():
+    """(file name, image, save options, expected RGB pixels or None for lossy formats) of
+    formats TensorFlow does not decode: training decodes them with Pillow, as the kit does."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (6, 10, 1)).astype(np.uint8)
+    rgba = np.concatenate([rgb, alpha], -1)
+    white = ((rgb.astype(np.uint32) * alpha + 255 * (255 - alpha.astype(np.uint32)) + 127) // 255).astype(np.uint8)
+    wide = rng.integers(0, 65536, (6, 10)).astype(np.uint16)
+    gif = Image.fromarray(rgb).quantize(8)
+    gif_rgb = np.asarray(gif.convert("RGB")).copy()
+    gif_rgb[np.asarray(gif) == 0] = 255  # palette entry 0 transparent: white
+    return [("lossless.webp", Image.fromarray(rgb), {"lossless": True}, rgb),
+            ("alpha.webp", Image.fromarray(rgba, "RGBA"), {"lossless": True}, white),
+            ("lossy.webp", Image.fromarray(rgb), {"quality": 80}, None),
+            ("plain.tif", Image.fromarray(rgb), {}, rgb),
+            ("alpha.tiff", Image.fromarray(rgba, "RGBA"), {"compression": "tiff_lzw"}, white),
+            ("gray16.tiff", Image.fromarray(wide), {}, np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, -1)),
+            ("plain.bmp", Image.fromarray(rgb), {}, rgb),
+            ("transparent.gif", gif, {"transparency": 0}, gif_rgb)]
+
+
+@pytest.mark.parametrize("name,image,options,expected", _format_cases(), ids=[c[0] for c in _format_cases()])
+def test_formats_tensorflow_does_not_decode_are_decoded_by_training_as_by_the_kit(tmp_path, name, image, options,
+                                                                                 expected):
+    from pathlib import Path
+
+    from tfkd.data import transforms
+
+    predict = _kit()
+    path = tmp_path / name
+    image.save(path, **options)
+    trained = transforms.decode(tf.io.read_file(str(path))).numpy()
+    device = predict.load_image(Path(path), (6, 10)).astype(np.uint8)
+    np.testing.assert_array_equal(trained, device)
+    if expected is not None:
+        np.testing.assert_array_equal(trained, expected)
+
+
+def _mixed_folder(root):
+    """Two classes, each with one image of each of 7 formats, a .heic and a .dng no decoder
+    here reads (fakes: only their names matter) and a notes.txt."""
+    rng = np.random.default_rng(9)
+    for split, per in (("train", 1), ("test", 1)):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, suffix in enumerate((".png", ".jpg", ".webp", ".tif", ".bmp", ".gif", ".tiff")):
+                picture = np.full((40, 56, 3), 60 + 120 * c, np.uint8) + rng.integers(0, 30, (40, 56, 3)).astype(np.uint8)
+                Image.fromarray(picture).save(folder / f"{i}{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
+            (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+            (folder / "camera.dng").write_bytes(b"II*\x00 raw")
+            (folder / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_folder_trains_on_every_readable_format_and_names_the_files_it_leaves_out(tmp_path, capsys):
+    from pathlib import Path
+
+    from tfkd.data import sources
+
+    predict = _kit()
+    root = _mixed_folder(tmp_path / "mixed")
+    heic_readable = ".heic" in sources.readable_suffixes()
+    for pipeline in ("streaming", "memory"):
+        prepared = data.prepare(f"folder:{root}", image_size=32, pipeline=pipeline, validation_fraction=0)
+        per_class = 7 + heic_readable
+        assert (prepared.count("train"), prepared.count("test")) == (2 * per_class, 2 * per_class)
+        if pipeline == "streaming":
+            files = prepared.records.paths["test"]
+            assert sorted({Path(p).suffix for p in files}) == [".bmp", ".gif", ".jpg", ".png", ".tif", ".tiff", ".webp"]
+        pixels, _ = prepared.pixels("test")
+        kit = np.stack([predict.load_image(Path(p), (32, 32), prepared.geometry.record()) for p in files])
+        diff = np.abs(pixels.astype(np.float32) - kit)
+        assert diff.mean() < 0.6 and diff.max() <= 8, (pipeline, diff.mean(), diff.max())  # JPEG decoders differ
+    out = capsys.readouterr().out
+    assert f"{root / 'train'}: 2 .dng file(s) left out (camera raw: convert the files to JPEG or PNG)" in out
+    if not heic_readable:
+        assert (f"{root / 'test'}: 2 .heic file(s) left out (HEIC: this Pillow has no reader for it (a plugin "
+                "such as pillow-heif adds one), or convert the files to JPEG or PNG)") in out
+    # the kit on one class folder: the same images, and the same files named
+    assert sorted(predict.readable_suffixes()) == sorted(sources.readable_suffixes())
+    names, images = predict.load_inputs([str(root / "test" / "a")], (32, 32), {"resize": "stretch"})
+    assert len(names) == 7 + heic_readable and images.shape == (7 + heic_readable, 32, 32, 3)
+    err = capsys.readouterr().err
+    assert "predict: note: " in err and "1 .dng file(s) left out (camera raw" in err
+
+
+def test_a_class_of_only_unreadable_files_is_an_error_that_says_why(tmp_path):
+    root = _mixed_folder(tmp_path / "mixed")
+    for p in (root / "train" / "b").iterdir():
+        if p.suffix not in (".dng", ".txt"):
+            p.unlink()
+    with pytest.raises(DataError, match=r"train/b: empty class folder \(no .*; 1 \.dng file\(s\) left out: "
+                                        r"camera raw: convert the files to JPEG or PNG\)"):
+        data.prepare(f"folder:{root}", image_size=32, validation_fraction=0)

@@ -75,6 +75,34 @@ def _image_folder(root: Path, classes=("a", "b"), nested: bool = False) -> Path:
     return root
 
 
+def _bad_class(user: Path, split: str, skip: bool = True, layout: str = "split") -> list[str]:
+    """A folder dataset whose class 'b' has only bad files in ``split`` (or, without split
+    folders, everywhere)."""
+    if layout == "split":
+        root = _image_folder(user / "f")
+        bad = (root / split / "b").glob("*.png")
+    else:
+        root = user / "f"
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True)
+            for i in range(10):
+                _png(root / label / f"{i}.png", np.full((32, 32, 3), 20 * i, np.uint8))
+        bad = (root / "b").glob("*.png")
+    for path in bad:
+        path.write_bytes(b"not an image")
+    return ["--dataset", f"folder:{root}", *(["--set", "data.skip_bad_files=true"] if skip else []),
+            "--set", "data.validation_fraction=0"]
+
+
+def _class_named(user: Path, name) -> list[str]:
+    """A folder dataset with classes 'a' and ``name`` (str, or bytes for a name that is not UTF-8)."""
+    root = _image_folder(user / "f")
+    for split in ("train", "test"):
+        target = os.path.join(os.fsencode(root / split), name) if isinstance(name, bytes) else root / split / name
+        os.rename(root / split / "b", target)
+    return ["--dataset", f"folder:{root}"]
+
+
 def _long_name(user: Path) -> list[str]:
     return ["--run-dir", str(user / ("r" * 300))]
 
@@ -227,6 +255,24 @@ IN_PROCESS_CASES = [
     ("train: one-class folder dataset", train.main,
      lambda u, r: ["--dataset", f"folder:{_image_folder(u / 'f', classes=('only',))}"], 3,
      "one class folder (only); a classifier needs at least two"),
+    ("train: skipping bad files would leave a class without training images", train.main,
+     lambda u, r: _bad_class(u, "train"), 3,
+     "data.skip_bad_files would leave class 'b' with no training images (every one of them is bad, such as "),
+    ("train: skipping bad files would leave a class without test images", train.main,
+     lambda u, r: _bad_class(u, "test"), 3, "data.skip_bad_files would leave class 'b' with no test images"),
+    ("train: skipping bad files would empty a class of a folder without splits", train.main,
+     lambda u, r: _bad_class(u, "", layout="flat"), 3,
+     "data.skip_bad_files would leave class 'b' with no training images"),
+    ("train: a class of bad files, not skipped", train.main, lambda u, r: _bad_class(u, "train", skip=False), 3,
+     "unreadable image (not an image); 3 more bad file(s) (data.skip_bad_files=true leaves bad files out)"),
+    ("train: a class name with a newline", train.main, lambda u, r: _class_named(u, "b\nc"), 3,
+     "/train/b\\nc': a class folder name with a line break ('\\n') cannot be one line of labels.txt; rename the folder"),
+    ("train: a class name with a carriage return", train.main, lambda u, r: _class_named(u, "b\rc"), 3,
+     "a class folder name with a line break ('\\r') cannot be one line of labels.txt"),
+    ("train: a class name with a Unicode line separator", train.main, lambda u, r: _class_named(u, "b\u2028c"), 3,
+     "a class folder name with a line break ('\\u2028')"),
+    ("train: a class name that is not UTF-8", train.main, lambda u, r: _class_named(u, b"b\xffc"), 3,
+     "a class folder name that is not valid UTF-8 cannot be a line of labels.txt; rename the folder"),
     ("train: subset too small to split", train.main,
      lambda u, r: ["--set", "data.subset=0.001"], 3, "data.subset=0.001 keeps 1 of"),
     ("train: read-only run dir", train.main, lambda u, r: _read_only(u), 2, "run_dir"),
@@ -521,6 +567,13 @@ KIT_CASES = [
     ("predict: a decompression bomb", "predict.py", lambda u, m: [m, _bomb(u / "bomb.png")], 3,
      "bomb.png: image too large to decode safely"),
     ("predict: not an image", "predict.py", lambda u, m: [m, _write(u, "x.png", b"no")], 3, "x.png: not a readable image"),
+    ("predict: a camera raw file", "predict.py", lambda u, m: [m, _write(u, "IMG_1.DNG", b"II*\x00 raw")], 3,
+     "IMG_1.DNG: camera raw: convert the files to JPEG or PNG"),
+    ("predict: a vector drawing", "predict.py", lambda u, m: [m, _write(u, "logo.svg", b"<svg/>")], 3,
+     "logo.svg: a vector drawing: convert the files to JPEG or PNG"),
+    ("predict: a folder of camera raw files only", "predict.py",
+     lambda u, m: [m, (u / "raw").mkdir() or _write(u / "raw", "a.dng", b"II*") and u / "raw"], 3,
+     "raw: no images in this folder; 1 .dng file(s) left out (camera raw: convert the files to JPEG or PNG)"),
     ("predict: free image size", "predict.py",
      lambda u, m: [_onnx_model(u / "dyn.onnx", ["N", 3, "H", "W"]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
      2, "the model takes any image size"),

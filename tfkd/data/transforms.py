@@ -165,14 +165,47 @@ def _rgb(image: Any) -> Any:
     return tf.cond(tf.equal(channels % 2, 0), lambda: composite(color, image[..., -1:]), lambda: color)
 
 
+def pillow_rgb(contents: Any) -> np.ndarray:
+    """Encoded bytes of any format Pillow reads (WebP, TIFF, BMP, GIF, ...) as uint8 RGB, exactly
+    as the ``export/`` kit's ``predict._to_rgb`` makes it: upright by its EXIF orientation, the
+    first frame, 16-bit kept to its high byte, alpha composited on white."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    contents = contents.item() if isinstance(contents, np.ndarray) else contents  # tf.numpy_function
+    with Image.open(io.BytesIO(contents)) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(image, dtype=np.uint32)
+            gray = values.astype(np.uint8) if image.mode == "I" and values.max(initial=0) <= 255 \
+                else (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = np.asarray(image.convert("RGBA")).astype(np.uint32)
+            color, alpha = rgba[..., :3], rgba[..., 3:]
+            return ((color * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def decode(contents: Any, turn: Any = None) -> Any:
-    """Any PNG/JPEG/BMP/GIF (grayscale, RGBA, 16-bit) as uint8 RGB, upright: a JPEG's EXIF
-    orientation (``turn``, read when not given) is applied; 16-bit keeps its high byte; a PNG's
-    alpha (RGBA, gray + alpha, or a palette with transparency) is composited on white."""
+    """Any image file Pillow reads as uint8 RGB, upright. PNG and JPEG are decoded by TensorFlow
+    (a JPEG turned by its EXIF orientation ``turn``, read when not given; 16-bit keeps its high
+    byte; a PNG's alpha (RGBA, gray + alpha, a palette with transparency) is composited on
+    white); every other format (WebP, TIFF, BMP, GIF, ...) by Pillow, as the kit decodes it
+    (``pillow_rgb``)."""
     turn = orientation(contents) if turn is None else turn
+
+    def pillow() -> Any:
+        return tf.numpy_function(pillow_rgb, [contents], tf.uint8, stateful=False)
+
     image = tf.cond(is_png(contents),
                     lambda: _rgb(tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.uint8)),
-                    lambda: tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8))
+                    lambda: tf.cond(is_jpeg(contents),
+                                    lambda: tf.io.decode_image(contents, channels=3, expand_animations=False,
+                                                               dtype=tf.uint8),
+                                    pillow))
     image.set_shape([None, None, 3])
     image = orient(image, turn)
     image.set_shape([None, None, 3])
