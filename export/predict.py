@@ -6,9 +6,10 @@
     python predict.py model.onnx batch.npy          # (N, H, W, 3) pixels in [0, 255]
 
 Prints the top classes of each input. Labels come from labels.txt beside the model. Images are
-cropped and resized to the model's input as training did (``preprocessing`` in model_card.json
-beside the model: the whole image stretched, or the centred square of a fraction of the shorter
-side; without a card, models above 64 px get the 0.875 centre crop).
+turned upright by their EXIF orientation (JPEG), then cropped and resized to the model's input
+as training did (``preprocessing`` in model_card.json beside the model: the whole image
+stretched, or the centred square of a fraction of the shorter side; without a card, models
+above 64 px get the 0.875 centre crop).
 Exit codes: 0 done, 2 bad arguments, 3 bad input, 4 bad model.
 """
 
@@ -19,14 +20,50 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import EdgeModel, KitError, KitParser, count, softmax
+from runtimes import EdgeModel, KitError, KitParser, count
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: The image files tfkd trains on (tfkd.data.sources: the same lists), and those read only
+#: when this Pillow has a reader for them.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff")
+OPTIONAL_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL"}
+UNREADABLE_SUFFIXES = {".dng": "camera raw", ".cr2": "camera raw", ".cr3": "camera raw", ".nef": "camera raw",
+                       ".arw": "camera raw", ".orf": "camera raw", ".rw2": "camera raw", ".raf": "camera raw",
+                       ".raw": "camera raw", ".svg": "a vector drawing"}
+
+
+def readable_suffixes() -> tuple[str, ...]:
+    """``IMAGE_SUFFIXES`` and the ``OPTIONAL_SUFFIXES`` this Pillow opens."""
+    from PIL import Image
+
+    Image.init()
+    opened = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    return IMAGE_SUFFIXES + tuple(s for s in OPTIONAL_SUFFIXES if s in opened)
+
+
+def unreadable_reason(suffix: str) -> str | None:
+    """Why image files with ``suffix`` cannot be read here (None for a readable or non-image one)."""
+    if suffix in OPTIONAL_SUFFIXES and suffix not in readable_suffixes():
+        return (f"{OPTIONAL_SUFFIXES[suffix]}: this Pillow has no reader for it (a plugin such as "
+                "pillow-heif adds one), or convert the files to JPEG or PNG")
+    if suffix in UNREADABLE_SUFFIXES:
+        return f"{UNREADABLE_SUFFIXES[suffix]}: convert the files to JPEG or PNG"
+    return None
+
+
+#: The background a transparent pixel shows (tfkd.data.transforms.BACKGROUND): white.
+BACKGROUND = 255
+
+
+def _composite(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 over the white background, as training does: (c * a + 255 * (255 - a) + 127) // 255."""
+    color, alpha = rgba[..., :3].astype(np.uint32), rgba[..., 3:].astype(np.uint32)
+    return ((color * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
 
 
 def _to_rgb(image):
     """RGB at 8 bits as tfkd's training decodes it: 16-bit images keep their high byte (a plain
-    ``convert("RGB")`` clips 16-bit grayscale to white); alpha is dropped, not composited."""
+    ``convert("RGB")`` clips 16-bit grayscale to white); alpha (RGBA, gray + alpha, a palette
+    with transparency) is composited on white."""
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -36,6 +73,8 @@ def _to_rgb(image):
         else:
             gray = (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return Image.fromarray(_composite(np.asarray(image.convert("RGBA"))), "RGB")
     return image.convert("RGB")
 
 
@@ -75,7 +114,7 @@ def load_image(path: Path, size: tuple[int, int], preprocessing: dict | None = N
     cropped and resized as training did (``preprocessing``: ``preprocessing_of``)."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     preprocessing = preprocessing or {"resize": "stretch"}
     try:
@@ -83,6 +122,8 @@ def load_image(path: Path, size: tuple[int, int], preprocessing: dict | None = N
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
+                if image.format != "PNG":  # upright, as training turns it (EXIF orientation)
+                    image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image)
             box = crop_box(image.size[0], image.size[1], preprocessing)
             if box != (0, 0, size[1], size[0]) or image.size != (size[1], size[0]):
@@ -104,10 +145,16 @@ def load_inputs(paths: list[str], size: tuple[int, int],
         if not path.exists():
             raise KitError(f"{path}: not found")
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                           and not p.name.startswith(".") and p.is_file())  # ._x.png: macOS metadata
+            readable = readable_suffixes()
+            entries = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())  # ._x.png: macOS's
+            files = [p for p in entries if p.suffix.lower() in readable]
+            left = [f"{sum(1 for p in entries if p.suffix.lower() == suffix)} {suffix} file(s) left out "
+                    f"({unreadable_reason(suffix)})"
+                    for suffix in sorted({p.suffix.lower() for p in entries if unreadable_reason(p.suffix.lower())})]
             if not files:
-                raise KitError(f"{path}: no images in this folder")
+                raise KitError(f"{path}: no images in this folder" + (f"; {'; '.join(left)}" if left else ""))
+            for line in left:
+                print(f"predict: note: {path}: {line}", file=sys.stderr)
             names += [str(p) for p in files]
             batches.append(np.stack([load_image(p, size, preprocessing) for p in files]))
         elif path.suffix.lower() == ".npy":
@@ -119,12 +166,14 @@ def load_inputs(paths: list[str], size: tuple[int, int],
                 array = array[None]
             names += [f"{path}[{i}]" for i in range(len(array))]
             batches.append(array)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
+        elif path.suffix.lower() in readable_suffixes():
             names.append(str(path))
             batches.append(load_image(path, size, preprocessing)[None])
+        elif unreadable_reason(path.suffix.lower()):
+            raise KitError(f"{path}: {unreadable_reason(path.suffix.lower())}")
         else:
             raise KitError(f"{path}: unsupported file type '{path.suffix}' (images: "
-                           f"{', '.join(IMAGE_SUFFIXES)}; arrays: .npy)")
+                           f"{', '.join(readable_suffixes())}; arrays: .npy)")
     shapes = {b.shape[1:] for b in batches}
     if len(shapes) > 1:
         raise KitError(f"inputs have different shapes {sorted(shapes)}")
@@ -164,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         model = EdgeModel(args.model, args.threads, args.image_size)
         names, images = load_inputs(args.inputs, model.image_size,
                                     preprocessing_of(Path(args.model), model.image_size))
-        probabilities = softmax(model.logits(model.check(images)))
+        probabilities = model.probabilities(model.check(images))
         labels = read_labels(Path(args.model), args.labels, probabilities.shape[1])
     except KitError as error:
         print(f"predict: error: {error}", file=sys.stderr)

@@ -400,3 +400,183 @@ def test_a_tfds_dataset_without_images_is_refused_before_any_download(tmp_path):
 
         TfdsRecords("imdb_reviews", str(tmp_path), 0.1, 0)
     assert not any(tmp_path.iterdir())  # nothing fetched or prepared
+
+
+# --------------------------------------------------------------------- phone photos: EXIF
+def _kit():
+    import sys
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[1] / "export")
+    sys.path.insert(0, folder)
+    try:
+        import predict
+    finally:
+        sys.path.remove(folder)
+    return predict
+
+
+def _upright(seed):
+    """An upright 48-wide, 80-tall picture: four coloured quadrants and a white top-left corner."""
+    picture = np.zeros((80, 48, 3), np.uint8)
+    colours = np.random.default_rng(seed).integers(20, 200, (4, 3))
+    picture[:40, :24], picture[:40, 24:], picture[40:, :24], picture[40:, 24:] = colours
+    picture[:12, :12] = 255
+    return picture
+
+
+#: EXIF orientation -> the Pillow transpose that stores an upright picture that way.
+STORED_AS = {1: None, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _phone_folder(root):
+    """train/ and test/ folders of two classes of JPEGs stored sideways (EXIF orientation 6 and
+    8, as phones write them), upside down (3) and upright (1); returns the upright pictures by
+    file name."""
+    upright = {}
+    for split in ("train", "test"):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for o, turn in STORED_AS.items():
+                picture = _upright(len(upright))
+                stored = Image.fromarray(picture)
+                stored = stored.transpose(turn) if turn is not None else stored
+                exif = Image.Exif()
+                exif[0x0112] = o
+                path = root / split / name / f"o{o}.jpg"
+                stored.save(path, quality=95, exif=exif.tobytes())
+                upright[str(path)] = picture
+    return upright
+
+
+@pytest.mark.parametrize("size", [32, 72])
+def test_exif_orientation_is_honoured_alike_by_both_pipelines_the_export_and_the_kit(tmp_path, size):
+    from pathlib import Path
+
+    predict = _kit()
+    upright = _phone_folder(tmp_path / "phone")
+    kit_upright = {}
+    for path, picture in upright.items():  # the same picture as an upright PNG, through the kit
+        Image.fromarray(picture).save(tmp_path / "u.png")
+        kit_upright[path] = predict.load_image(tmp_path / "u.png", (size, size), data.Geometry(size).record())
+    results = {}
+    for pipeline in ("streaming", "memory"):  # the same files in the same order (the stream's paths)
+        prepared = data.prepare(f"folder:{tmp_path / 'phone'}", image_size=size, pipeline=pipeline,
+                                validation_fraction=0)
+        results[pipeline] = prepared
+        # what the export verifies on (and the test accuracy): pixel_batches of the test split
+        checked, _ = prepared.pixels("test")
+        # what training sees (without augmentation), de-normalized, in file order
+        n = prepared.count("train")
+        inputs, _ = next(iter(prepared.train_dataset(n, augment=False, with_index=True)))
+        order = np.argsort(inputs["index"].numpy())
+        trained = inputs["images"].numpy()[order] * prepared.std + prepared.mean
+        for split, pixels in (("test", checked), ("train", trained)):
+            files = results["streaming"].records.paths[split]
+            kit = np.stack([predict.load_image(Path(p), (size, size), prepared.geometry.record()) for p in files])
+            diff = np.abs(pixels.astype(np.float32) - kit)
+            assert diff.mean() < (1.0 if pipeline == "streaming" else 3.0), (pipeline, split, diff.mean())
+            for p, got in zip(files, kit):  # upright: as the same picture stored upright
+                assert np.abs(got - kit_upright[str(p)]).mean() < 2.0, p
+                if size == 32:  # stretched whole: the white corner is top left (72 px crops it off)
+                    assert got[:2, :2].min() > 200
+    np.testing.assert_array_equal(results["memory"].labels("test"), results["streaming"].labels("test"))
+
+
+# ------------------------------------------------------------ every format Pillow reads
+def _format_cases():
+    """(file name, image, save options, expected RGB pixels or None for lossy formats) of
+    formats TensorFlow does not decode: training decodes them with Pillow, as the kit does."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (6, 10, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (6, 10, 1)).astype(np.uint8)
+    rgba = np.concatenate([rgb, alpha], -1)
+    white = ((rgb.astype(np.uint32) * alpha + 255 * (255 - alpha.astype(np.uint32)) + 127) // 255).astype(np.uint8)
+    wide = rng.integers(0, 65536, (6, 10)).astype(np.uint16)
+    gif = Image.fromarray(rgb).quantize(8)
+    gif_rgb = np.asarray(gif.convert("RGB")).copy()
+    gif_rgb[np.asarray(gif) == 0] = 255  # palette entry 0 transparent: white
+    return [("lossless.webp", Image.fromarray(rgb), {"lossless": True}, rgb),
+            ("alpha.webp", Image.fromarray(rgba, "RGBA"), {"lossless": True}, white),
+            ("lossy.webp", Image.fromarray(rgb), {"quality": 80}, None),
+            ("plain.tif", Image.fromarray(rgb), {}, rgb),
+            ("alpha.tiff", Image.fromarray(rgba, "RGBA"), {"compression": "tiff_lzw"}, white),
+            ("gray16.tiff", Image.fromarray(wide), {}, np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, -1)),
+            ("plain.bmp", Image.fromarray(rgb), {}, rgb),
+            ("transparent.gif", gif, {"transparency": 0}, gif_rgb)]
+
+
+@pytest.mark.parametrize("name,image,options,expected", _format_cases(), ids=[c[0] for c in _format_cases()])
+def test_formats_tensorflow_does_not_decode_are_decoded_by_training_as_by_the_kit(tmp_path, name, image, options,
+                                                                                 expected):
+    from pathlib import Path
+
+    from tfkd.data import transforms
+
+    predict = _kit()
+    path = tmp_path / name
+    image.save(path, **options)
+    trained = transforms.decode(tf.io.read_file(str(path))).numpy()
+    device = predict.load_image(Path(path), (6, 10)).astype(np.uint8)
+    np.testing.assert_array_equal(trained, device)
+    if expected is not None:
+        np.testing.assert_array_equal(trained, expected)
+
+
+def _mixed_folder(root):
+    """Two classes, each with one image of each of 7 formats, a .heic and a .dng no decoder
+    here reads (fakes: only their names matter) and a notes.txt."""
+    rng = np.random.default_rng(9)
+    for split, per in (("train", 1), ("test", 1)):
+        for c, name in enumerate(("a", "b")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i, suffix in enumerate((".png", ".jpg", ".webp", ".tif", ".bmp", ".gif", ".tiff")):
+                picture = np.full((40, 56, 3), 60 + 120 * c, np.uint8) + rng.integers(0, 30, (40, 56, 3)).astype(np.uint8)
+                Image.fromarray(picture).save(folder / f"{i}{suffix}", **({"quality": 95} if suffix == ".jpg" else {}))
+            (folder / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+            (folder / "camera.dng").write_bytes(b"II*\x00 raw")
+            (folder / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_a_folder_trains_on_every_readable_format_and_names_the_files_it_leaves_out(tmp_path, capsys):
+    from pathlib import Path
+
+    from tfkd.data import sources
+
+    predict = _kit()
+    root = _mixed_folder(tmp_path / "mixed")
+    heic_readable = ".heic" in sources.readable_suffixes()
+    for pipeline in ("streaming", "memory"):
+        prepared = data.prepare(f"folder:{root}", image_size=32, pipeline=pipeline, validation_fraction=0)
+        per_class = 7 + heic_readable
+        assert (prepared.count("train"), prepared.count("test")) == (2 * per_class, 2 * per_class)
+        if pipeline == "streaming":
+            files = prepared.records.paths["test"]
+            assert sorted({Path(p).suffix for p in files}) == [".bmp", ".gif", ".jpg", ".png", ".tif", ".tiff", ".webp"]
+        pixels, _ = prepared.pixels("test")
+        kit = np.stack([predict.load_image(Path(p), (32, 32), prepared.geometry.record()) for p in files])
+        diff = np.abs(pixels.astype(np.float32) - kit)
+        assert diff.mean() < 0.6 and diff.max() <= 8, (pipeline, diff.mean(), diff.max())  # JPEG decoders differ
+    out = capsys.readouterr().out
+    assert f"{root / 'train'}: 2 .dng file(s) left out (camera raw: convert the files to JPEG or PNG)" in out
+    if not heic_readable:
+        assert (f"{root / 'test'}: 2 .heic file(s) left out (HEIC: this Pillow has no reader for it (a plugin "
+                "such as pillow-heif adds one), or convert the files to JPEG or PNG)") in out
+    # the kit on one class folder: the same images, and the same files named
+    assert sorted(predict.readable_suffixes()) == sorted(sources.readable_suffixes())
+    names, images = predict.load_inputs([str(root / "test" / "a")], (32, 32), {"resize": "stretch"})
+    assert len(names) == 7 + heic_readable and images.shape == (7 + heic_readable, 32, 32, 3)
+    err = capsys.readouterr().err
+    assert "predict: note: " in err and "1 .dng file(s) left out (camera raw" in err
+
+
+def test_a_class_of_only_unreadable_files_is_an_error_that_says_why(tmp_path):
+    root = _mixed_folder(tmp_path / "mixed")
+    for p in (root / "train" / "b").iterdir():
+        if p.suffix not in (".dng", ".txt"):
+            p.unlink()
+    with pytest.raises(DataError, match=r"train/b: empty class folder \(no .*; 1 \.dng file\(s\) left out: "
+                                        r"camera raw: convert the files to JPEG or PNG\)"):
+        data.prepare(f"folder:{root}", image_size=32, validation_fraction=0)

@@ -75,6 +75,34 @@ def _image_folder(root: Path, classes=("a", "b"), nested: bool = False) -> Path:
     return root
 
 
+def _bad_class(user: Path, split: str, skip: bool = True, layout: str = "split") -> list[str]:
+    """A folder dataset whose class 'b' has only bad files in ``split`` (or, without split
+    folders, everywhere)."""
+    if layout == "split":
+        root = _image_folder(user / "f")
+        bad = (root / split / "b").glob("*.png")
+    else:
+        root = user / "f"
+        for label in ("a", "b"):
+            (root / label).mkdir(parents=True)
+            for i in range(10):
+                _png(root / label / f"{i}.png", np.full((32, 32, 3), 20 * i, np.uint8))
+        bad = (root / "b").glob("*.png")
+    for path in bad:
+        path.write_bytes(b"not an image")
+    return ["--dataset", f"folder:{root}", *(["--set", "data.skip_bad_files=true"] if skip else []),
+            "--set", "data.validation_fraction=0"]
+
+
+def _class_named(user: Path, name) -> list[str]:
+    """A folder dataset with classes 'a' and ``name`` (str, or bytes for a name that is not UTF-8)."""
+    root = _image_folder(user / "f")
+    for split in ("train", "test"):
+        target = os.path.join(os.fsencode(root / split), name) if isinstance(name, bytes) else root / split / name
+        os.rename(root / split / "b", target)
+    return ["--dataset", f"folder:{root}"]
+
+
 def _long_name(user: Path) -> list[str]:
     return ["--run-dir", str(user / ("r" * 300))]
 
@@ -227,6 +255,24 @@ IN_PROCESS_CASES = [
     ("train: one-class folder dataset", train.main,
      lambda u, r: ["--dataset", f"folder:{_image_folder(u / 'f', classes=('only',))}"], 3,
      "one class folder (only); a classifier needs at least two"),
+    ("train: skipping bad files would leave a class without training images", train.main,
+     lambda u, r: _bad_class(u, "train"), 3,
+     "data.skip_bad_files would leave class 'b' with no training images (every one of them is bad, such as "),
+    ("train: skipping bad files would leave a class without test images", train.main,
+     lambda u, r: _bad_class(u, "test"), 3, "data.skip_bad_files would leave class 'b' with no test images"),
+    ("train: skipping bad files would empty a class of a folder without splits", train.main,
+     lambda u, r: _bad_class(u, "", layout="flat"), 3,
+     "data.skip_bad_files would leave class 'b' with no training images"),
+    ("train: a class of bad files, not skipped", train.main, lambda u, r: _bad_class(u, "train", skip=False), 3,
+     "unreadable image (not an image); 3 more bad file(s) (data.skip_bad_files=true leaves bad files out)"),
+    ("train: a class name with a newline", train.main, lambda u, r: _class_named(u, "b\nc"), 3,
+     "/train/b\\nc': a class folder name with a line break ('\\n') cannot be one line of labels.txt; rename the folder"),
+    ("train: a class name with a carriage return", train.main, lambda u, r: _class_named(u, "b\rc"), 3,
+     "a class folder name with a line break ('\\r') cannot be one line of labels.txt"),
+    ("train: a class name with a Unicode line separator", train.main, lambda u, r: _class_named(u, "b\u2028c"), 3,
+     "a class folder name with a line break ('\\u2028')"),
+    ("train: a class name that is not UTF-8", train.main, lambda u, r: _class_named(u, b"b\xffc"), 3,
+     "a class folder name that is not valid UTF-8 cannot be a line of labels.txt; rename the folder"),
     ("train: subset too small to split", train.main,
      lambda u, r: ["--set", "data.subset=0.001"], 3, "data.subset=0.001 keeps 1 of"),
     ("train: read-only run dir", train.main, lambda u, r: _read_only(u), 2, "run_dir"),
@@ -270,18 +316,51 @@ def test_help_shows_every_default():
 
 
 # ----------------------------------------------------------------------------- what must work
-def test_export_replaces_only_its_own_files(tmp_path, finished_run):
+def test_export_replaces_only_its_own_files(tmp_path, finished_run, capsys):
     out = tmp_path / "artifacts"
     export.export(finished_run, out, ["fp32", "int8"], max_test_images=40, representative=20, latency_runs=2)
+    assert "tfkd: note:" not in capsys.readouterr().out  # a new folder: nothing to say
     (out / "benchmark.json").write_text("{}")  # what export/benchmark.py writes beside a model
+    (out / "benchmark.png").write_bytes(b"png")
     (out / "my-notes.txt").write_text("kept\n")
     old_card = (out / "model_card.json").read_bytes()
     card = export.export(finished_run, out, ["fp32"], max_test_images=40, latency_runs=2)
     names = {p.name for p in out.iterdir()}
     assert names == {"model_fp32.tflite", "labels.txt", "model_card.json", "model_card.md",
-                     "benchmark.json", "my-notes.txt"}  # its old int8 model is gone, the rest stays
+                     "benchmark.json", "benchmark.png", "my-notes.txt"}  # its old int8 model is gone, the rest stays
     assert (out / "my-notes.txt").read_text() == "kept\n" and (out / "model_card.json").read_bytes() != old_card
+    assert (out / "benchmark.json").read_text() == "{}" and (out / "benchmark.png").read_bytes() == b"png"
     assert card[export.MARKER]["files"] == ["labels.txt", "model_card.json", "model_card.md", "model_fp32.tflite"]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tfkd: note:")]
+    assert notes == [f"tfkd: note: {out}: removed 1 file(s) of the previous export that this one does not "
+                     "write: model_int8.tflite; kept benchmark.json, benchmark.png, export/benchmark.py's "
+                     "timings of the previous files, now stale (run it again); left 1 other file(s) as they "
+                     "are: my-notes.txt"]
+
+
+@pytest.mark.parametrize("first,second,extra,summary", [
+    ("fp32,saved_model", "fp32", [], "; removed 1 file(s) of the previous export that this one does not write: "
+                                     "saved_model"),
+    ("fp32,saved_model", "fp32", ["benchmark.json"], "; removed 1 file(s) of the previous export that this one does "
+                                                     "not write: saved_model; kept benchmark.json, stale"),
+    ("fp32", "fp32", ["benchmark.json", "benchmark.png", "mine.txt"], "; kept benchmark.json, benchmark.png, stale"),
+    ("fp32", "fp32,saved_model", [], ""),
+])
+def test_a_re_export_says_in_its_summary_what_it_removed_and_kept(tmp_path, finished_run, capsys, first, second,
+                                                                   extra, summary):
+    out = tmp_path / "artifacts"
+    common = [str(finished_run), "--out", str(out), "--max-test-images", "20", "--latency-runs", "1",
+              "--max-drop", "none"]
+    assert export.main([*common, "--formats", first]) == 0
+    for name in extra:
+        (out / name).write_text(name)
+    capsys.readouterr()
+    assert export.main([*common, "--formats", second]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tfkd: exported")]
+    assert lines == [f"tfkd: exported {len(second.split(','))} formats to {out}{summary}"]
+    assert {p.name for p in out.iterdir()} == {*export.export_files(second.split(",")), *extra}
+    for name in extra:
+        assert (out / name).read_text() == name  # the user's and the kit's files: untouched
 
 
 def test_model_card_holds_no_nan():
@@ -419,7 +498,8 @@ def _onnx_model(path: Path, shape: list) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    weights = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 100, "w")
+    channels = shape[1]
+    weights = numpy_helper.from_array(np.arange(4 * channels, dtype=np.float32).reshape(channels, 4) / 100, "w")
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
          helper.make_node("Flatten", ["pooled"], ["flat"]),
@@ -428,6 +508,38 @@ def _onnx_model(path: Path, shape: list) -> Path:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [weights])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+def _onnx_graph(path: Path, inputs: dict, outputs: dict, nodes: list) -> Path:
+    """An ONNX model of ``nodes`` (op, inputs, outputs[, attributes]) with ``inputs``/``outputs`` name ->
+    (element type, shape), and the weight ``w`` (3 x 4)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node(op, i, o, **(extra[0] if extra else {})) for op, i, o, *extra in nodes], "other",
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in inputs.items()],
+        [helper.make_tensor_value_info(n, t, s) for n, (t, s) in outputs.items()],
+        [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4) / 100, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+_F = 1  # onnx.TensorProto.FLOAT
+_HEAD = [("GlobalAveragePool", ["x"], ["p"]), ("Flatten", ["p"], ["f"]), ("MatMul", ["f", "w"], ["out"])]
+OTHER_MODELS = {
+    "two inputs": ({"a": (_F, ["N", 3, 8, 8]), "b": (_F, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4])},
+                   [("Add", ["a", "b"], ["x"]), *_HEAD]),
+    "two outputs": ({"x": (_F, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4]), "pooled": (_F, ["N", 3, 1, 1])},
+                    [*_HEAD, ("Identity", ["p"], ["pooled"])]),
+    "a 4-D output": ({"x": (_F, ["N", 3, 8, 8])}, {"p": (_F, ["N", 3, 1, 1])}, _HEAD[:1]),
+    "integer input": ({"i": (7, ["N", 3, 8, 8])}, {"out": (_F, ["N", 4])}, [("Cast", ["i"], ["x"], {"to": _F}), *_HEAD]),
+}
+
+
+def _other(user: Path, name: str) -> Path:
+    inputs, outputs, nodes = OTHER_MODELS[name]
+    return _onnx_graph(user / "other.onnx", inputs, outputs, nodes)
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -455,9 +567,40 @@ KIT_CASES = [
     ("predict: a decompression bomb", "predict.py", lambda u, m: [m, _bomb(u / "bomb.png")], 3,
      "bomb.png: image too large to decode safely"),
     ("predict: not an image", "predict.py", lambda u, m: [m, _write(u, "x.png", b"no")], 3, "x.png: not a readable image"),
+    ("predict: a camera raw file", "predict.py", lambda u, m: [m, _write(u, "IMG_1.DNG", b"II*\x00 raw")], 3,
+     "IMG_1.DNG: camera raw: convert the files to JPEG or PNG"),
+    ("predict: a vector drawing", "predict.py", lambda u, m: [m, _write(u, "logo.svg", b"<svg/>")], 3,
+     "logo.svg: a vector drawing: convert the files to JPEG or PNG"),
+    ("predict: a folder of camera raw files only", "predict.py",
+     lambda u, m: [m, (u / "raw").mkdir() or _write(u / "raw", "a.dng", b"II*") and u / "raw"], 3,
+     "raw: no images in this folder; 1 .dng file(s) left out (camera raw: convert the files to JPEG or PNG)"),
     ("predict: free image size", "predict.py",
      lambda u, m: [_onnx_model(u / "dyn.onnx", ["N", 3, "H", "W"]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
      2, "the model takes any image size"),
+    ("predict: a grayscale NCHW model", "predict.py",
+     lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, 8, 8]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
+     4, "gray.onnx: the model takes grayscale (1-channel) images (input 'images', shape [-1, 1, 8, 8]); "
+        "the kit feeds 3-channel RGB pixels"),
+    ("predict: a grayscale model of any size", "predict.py",
+     lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, "H", "W"]), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))],
+     4, "the model takes grayscale (1-channel) images"),
+    ("benchmark: a grayscale model", "benchmark.py", lambda u, m: [_onnx_model(u / "gray.onnx", ["N", 1, 28, 28])],
+     4, "the model takes grayscale (1-channel) images (input 'images', shape [-1, 1, 28, 28])"),
+    ("predict: another tool's model with two inputs", "predict.py",
+     lambda u, m: [_other(u, "two inputs"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: 2 inputs ('a', 'b') and none named 'images'; the kit runs an image classifier with one "
+     "image input ([N, H, W, 3] or [N, 3, H, W] pixels in [0, 255]) and one output of class scores [N, classes]"),
+    ("predict: another tool's model with two outputs", "predict.py",
+     lambda u, m: [_other(u, "two outputs"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: 2 outputs ('out', 'pooled') and none named 'logits'; the kit runs"),
+    ("predict: another tool's model with a 4-D output", "predict.py",
+     lambda u, m: [_other(u, "a 4-D output"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: output 'p' has shape ['N', 3, 1, 1], not [N, classes]; the kit runs"),
+    ("predict: another tool's model with an integer input", "predict.py",
+     lambda u, m: [_other(u, "integer input"), _png(u / "a.png", np.zeros((8, 8, 3), np.uint8))], 4,
+     "other.onnx: input 'i' is tensor(int64), not float pixels; the kit runs"),
+    ("benchmark: another tool's model with two inputs", "benchmark.py", lambda u, m: [_other(u, "two inputs")], 4,
+     "other.onnx: 2 inputs ('a', 'b') and none named 'images'"),
     ("benchmark: zero runs", "benchmark.py", lambda u, m: [m, "--runs", "0"], 2, "--runs: 0: expected an integer >= 1"),
     ("benchmark: negative threads", "benchmark.py", lambda u, m: [m, "--threads", "-2"], 2, "--threads: -2"),
     ("benchmark: missing model", "benchmark.py", lambda u, m: [u / "none.onnx"], 3, "none.onnx: not found"),

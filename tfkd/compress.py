@@ -299,7 +299,9 @@ def compress(model_path: str | Path, out: str | Path, method: str = "qat",
                                                           "compress_report.json"]}
         result = export.finite(result)
         (staging / "compress_report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-        export.publish(staging, out)
+        said = export.describe_replacement(export.publish(staging, out))
+        if said:
+            print(f"tfkd: note: {out}: {said}", flush=True)
     return result
 
 

@@ -504,7 +504,7 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
         warnings = [*training.get("warnings", []), *health.accuracy_warnings(
             "the exported model", keras["top1"], data.test_labels[:keras["images"]], "test"),
             *budget_warnings(report, settings.max_drop)]
-        files = sorted([FILES[f] for f in formats] + ["labels.txt", "model_card.json", "model_card.md"])
+        files = export_files(formats)
         card = finite({
             "model": student.name, "dataset": info.get("dataset"), "labels": class_names,
             "input": {"name": "images", "dtype": "float32", "layout": "NHWC",
@@ -529,9 +529,12 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
         (tmp / "model_card.md").write_text(_model_card_markdown(card))
         for leftover in tmp.glob(".trial-*"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        publish(tmp, out)
+        record = publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    said = describe_replacement(record)
+    if said:
+        print(f"tfkd: note: {out}: {said}", flush=True)
     return card
 
 
@@ -617,16 +620,59 @@ def budget_warnings(report: dict[str, dict[str, Any]], max_drop: float | None) -
     return found
 
 
-def publish(tmp: Path, out: Path) -> None:
+#: What ``export/benchmark.py`` writes beside the models it timed: stale once they are replaced.
+KIT_REPORTS = ("benchmark.json", "benchmark.png")
+
+
+def export_files(formats: Sequence[str]) -> list[str]:
+    """The entries an export of ``formats`` writes (its manifest)."""
+    return sorted([FILES[f] for f in formats] + ["labels.txt", "model_card.json", "model_card.md"])
+
+
+def replacement(out: Path, new: Iterable[str]) -> dict[str, list[str]]:
+    """What writing the entries ``new`` into ``out`` does to what is there: the previous export's
+    files it removes (``removed``: not written again), the kit's timing reports of the replaced
+    models it keeps though they are stale (``stale``), and the other entries it leaves as they
+    are (``kept``: the user's)."""
+    record: dict[str, list[str]] = {"removed": [], "stale": [], "kept": []}
+    if not out.is_dir():
+        return record
+    ours = set(previous_export(out) or [])
+    entries = {p.name for p in out.iterdir() if not p.name.startswith((".tmp-", ".old-"))}
+    record["removed"] = sorted((ours & entries) - set(new))
+    record["stale"] = sorted(n for n in KIT_REPORTS if n in entries - ours)
+    record["kept"] = sorted(entries - ours - set(new) - set(KIT_REPORTS))
+    return record
+
+
+def describe_replacement(record: dict[str, list[str]], short: bool = False) -> str:
+    """One sentence on ``replacement``'s record ("" when there was no previous file)."""
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f" and {len(items) - 6} more" if len(items) > 6 else "")
+
+    parts = []
+    if record["removed"]:
+        parts.append(f"removed {len(record['removed'])} file(s) of the previous export that this one does "
+                     f"not write: {names(record['removed'])}")
+    if record["stale"]:
+        parts.append(f"kept {names(record['stale'])}, " + ("stale" if short else
+                     "export/benchmark.py's timings of the previous files, now stale (run it again)"))
+    if record["kept"] and not short:
+        parts.append(f"left {len(record['kept'])} other file(s) as they are: {names(record['kept'])}")
+    return "; ".join(parts)
+
+
+def publish(tmp: Path, out: Path) -> dict[str, list[str]]:
     """Moves the finished export in ``tmp`` onto ``out``. A previous export there is replaced as
     late as possible (its own files only: anything else a user put there stays), and the moves
-    are never cut short by Ctrl-C."""
+    are never cut short by Ctrl-C. Returns what became of what was there (``replacement``)."""
     from tfkd import cli
 
     with cli.deferred_interrupts():
         if not out.exists():
             os.replace(tmp, out)
-            return
+            return {"removed": [], "stale": [], "kept": []}
+        record = replacement(out, [p.name for p in tmp.iterdir()])
         ours = set(previous_export(out) or [])
         entries = {p.name for p in out.iterdir()}
         foreign = {e for e in entries - ours if not e.startswith((".tmp-", ".old-"))}
@@ -635,7 +681,7 @@ def publish(tmp: Path, out: Path) -> None:
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
-            return
+            return record
         new = {p.name for p in tmp.iterdir()}
         retired = []
         for name in sorted(new | (ours & entries)):
@@ -648,6 +694,7 @@ def publish(tmp: Path, out: Path) -> None:
                 os.replace(tmp / name, target)
         for path in retired:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return record
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -725,10 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         settings = settings_from_args(args)
         out = check_out(args.out, args.model)
+        before = replacement(out, export_files(settings.formats))  # said again in the summary
         cli.import_tensorflow(args.verbose)
         card = export(args.model, out, settings=settings, data_dir=args.data_dir)
         print(Path(out, "model_card.md").read_text())
-        print(f"tfkd: exported {len(card['formats'])} formats to {args.out}")
+        said = describe_replacement(before, short=True)
+        print(f"tfkd: exported {len(card['formats'])} formats to {args.out}" + (f"; {said}" if said else ""))
         for warning in card.get("warnings", []):  # last, where a user looks
             print(f"tfkd: WARNING: {warning}", flush=True)
         return 0

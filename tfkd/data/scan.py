@@ -2,9 +2,10 @@
 
 Opening a file's header (Pillow reads only the first bytes) and its last bytes (a JPEG ends with
 its end-of-image marker, a PNG with its ``IEND`` chunk) finds what would otherwise stop a
-streamed epoch half-way: files that are not images, formats TensorFlow cannot decode, truncated
-downloads, empty files. A file whose header is fine but whose end is not is decoded in full once,
-to tell a truncated image from one with harmless trailing bytes.
+streamed epoch half-way: files that are not images, truncated downloads, empty files. A file
+whose header is fine but whose end is not is decoded in full once, to tell a truncated image
+from one with harmless trailing bytes; a format Pillow decodes in training (WebP, TIFF, BMP,
+GIF, ...) is decoded once in full.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-#: Pillow's names of the formats ``tf.io.decode_image`` reads.
-DECODABLE = ("JPEG", "PNG", "BMP", "GIF", "MPO")
+#: Pillow's names of the formats TensorFlow decodes in the pipelines (window by window for
+#: JPEG); every other format Pillow reads is decoded by Pillow (``transforms.pillow_rgb``).
+DECODABLE = ("JPEG", "PNG", "MPO")
 #: Larger images are refused (Pillow's decompression-bomb threshold, doubled).
 MAX_PIXELS = 2 * 89_478_485
 _ENDINGS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
@@ -45,10 +47,15 @@ def check_file(path: str) -> str | None:
         return "not an image"
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         return f"unreadable ({type(error).__name__})"
-    if kind not in DECODABLE:
-        return f"a {kind} image; TensorFlow decodes PNG, JPEG, BMP and GIF"
     if width < 1 or height < 1 or width * height > MAX_PIXELS:
         return f"{width}x{height} pixels: too large to decode safely"
+    if kind not in DECODABLE:  # decoded by Pillow in training: decoded once here, in full
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as error:  # Pillow raises many types for a damaged file
+            return f"a {kind} image Pillow cannot decode ({type(error).__name__})"
+        return None
     ending = _ENDINGS.get(kind)
     if ending is not None:
         with open(path, "rb") as f:

@@ -17,7 +17,18 @@ import numpy as np
 
 from tfkd.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+#: Image files a folder dataset trains on (the ``export/`` kit reads the same): PNG and JPEG
+#: decoded by TensorFlow, the others by Pillow (``transforms.decode``).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff")
+#: Image formats Pillow reads only in some builds or with a plugin: trained on when this
+#: Pillow reads them (``readable_suffixes``), else left out and named with the reason.
+OPTIONAL_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL"}
+#: Image files no decoder here reads: left out and named, with what to do.
+UNREADABLE_SUFFIXES = {".dng": "camera raw", ".cr2": "camera raw", ".cr3": "camera raw", ".nef": "camera raw",
+                       ".arw": "camera raw", ".orf": "camera raw", ".rw2": "camera raw", ".raf": "camera raw",
+                       ".raw": "camera raw", ".svg": "a vector drawing"}
+#: Characters that end a line of ``labels.txt`` (``str.splitlines``): not in a class name.
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
 CIFAR_FILES = {
     "cifar10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
                 ["test_batch"], "batches.meta", b"label_names", b"labels"),
@@ -166,13 +177,55 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name in HIDDEN_NAMES
 
 
-def _class_files(folder: Path) -> tuple[list[Path], int, int]:
+def readable_suffixes() -> tuple[str, ...]:
+    """``IMAGE_SUFFIXES`` and the ``OPTIONAL_SUFFIXES`` this Pillow opens."""
+    from PIL import Image
+
+    Image.init()
+    opened = {ext for ext, kind in Image.registered_extensions().items() if kind in Image.OPEN}
+    return IMAGE_SUFFIXES + tuple(s for s in OPTIONAL_SUFFIXES if s in opened)
+
+
+def unreadable_reason(suffix: str) -> str | None:
+    """Why image files with ``suffix`` are left out (None for a readable or a non-image suffix)."""
+    if suffix in OPTIONAL_SUFFIXES and suffix not in readable_suffixes():
+        return (f"{OPTIONAL_SUFFIXES[suffix]}: this Pillow has no reader for it (a plugin such as "
+                "pillow-heif adds one), or convert the files to JPEG or PNG")
+    if suffix in UNREADABLE_SUFFIXES:
+        return f"{UNREADABLE_SUFFIXES[suffix]}: convert the files to JPEG or PNG"
+    return None
+
+
+def _class_files(folder: Path) -> tuple[list[Path], int, int, dict[str, int]]:
     """The image files of one class folder, nested sub-folders included (as Keras's
-    ``image_dataset_from_directory`` reads them); how many of them are nested; and how many
-    image files were left out for being hidden (or in a hidden folder)."""
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    files = [p for p in found if not any(is_hidden(part) for part in p.relative_to(folder).parts)]
-    return files, sum(1 for p in files if p.parent != folder), len(found) - len(files)
+    ``image_dataset_from_directory`` reads them); how many of them are nested; how many image
+    files were left out for being hidden (or in a hidden folder); and how many were left out
+    for a format no decoder here reads, by suffix."""
+    readable = readable_suffixes()
+    visible = [p for p in sorted(folder.rglob("*"))
+               if p.is_file() and not any(is_hidden(part) for part in p.relative_to(folder).parts)]
+    files = [p for p in visible if p.suffix.lower() in readable]
+    hidden = sum(1 for p in folder.rglob("*") if p.suffix.lower() in readable and p.is_file()) - len(files)
+    unreadable: dict[str, int] = {}
+    for p in visible:
+        if unreadable_reason(p.suffix.lower()):
+            unreadable[p.suffix.lower()] = unreadable.get(p.suffix.lower(), 0) + 1
+    return files, sum(1 for p in files if p.parent != folder), hidden, unreadable
+
+
+def check_class_name(folder: Path) -> None:
+    """A class folder's name must be one line of ``labels.txt`` in UTF-8: ``DataError`` naming
+    the folder otherwise."""
+    name = folder.name
+    breaks = sorted({c for c in name if c in LINE_BREAKS})
+    if breaks:
+        raise DataError(f"{str(folder)!r}: a class folder name with a line break "
+                        f"({', '.join(repr(c) for c in breaks)}) cannot be one line of labels.txt; rename the folder")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{str(folder)!r}: a class folder name that is not valid UTF-8 cannot be a line of "
+                        "labels.txt; rename the folder") from None
 
 
 def _split_folder(root: Path, split: str) -> Path | None:
@@ -204,6 +257,8 @@ def list_folder(root: str, test_fraction: float = 0.1) -> FileList:
     if len(class_dirs) < 2:
         raise DataError(f"{train_dir}: one class folder ({class_dirs[0].name}); a classifier "
                         "needs at least two")
+    for folder in class_dirs:
+        check_class_name(folder)
     class_names = [p.name for p in class_dirs]
     listing = FileList(str(root_path), class_names)
     folders = {"train": train_dir}
@@ -222,17 +277,25 @@ def list_folder(root: str, test_fraction: float = 0.1) -> FileList:
             raise DataError(f"{split_dir}: class folders {unknown} are not in {train_dir}")
         files: list[tuple[Path, int]] = []
         nested = hidden = 0
+        unreadable: dict[str, int] = {}
         for label, name in enumerate(class_names):
-            class_files, class_nested, class_hidden = _class_files(split_dir / name) \
-                if (split_dir / name).is_dir() else ([], 0, 0)
+            class_files, class_nested, class_hidden, class_unreadable = _class_files(split_dir / name) \
+                if (split_dir / name).is_dir() else ([], 0, 0, {})
             if split == "train" and not class_files:
-                raise DataError(f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
+                left = "; ".join(f"{n} {s} file(s) left out: {unreadable_reason(s)}"
+                                 for s, n in sorted(class_unreadable.items()))
+                raise DataError(f"{split_dir / name}: empty class folder (no {'/'.join(readable_suffixes())} "
+                                f"files{'; ' + left if left else ''})")
             files += [(p, label) for p in class_files]
             nested += class_nested
             hidden += class_hidden
+            for suffix, n in class_unreadable.items():
+                unreadable[suffix] = unreadable.get(suffix, 0) + n
         if hidden:
             listing.notes.append(f"{split_dir}: {hidden} hidden image files left out (names starting "
                                  "with '.', such as macOS's ._ copies, or in hidden folders)")
+        for suffix, n in sorted(unreadable.items()):
+            listing.notes.append(f"{split_dir}: {n} {suffix} file(s) left out ({unreadable_reason(suffix)})")
         if not files:
             raise DataError(f"{split_dir}: no images")
         if nested:
@@ -268,9 +331,17 @@ def check_files(listing: FileList, skip_bad_files: bool) -> FileList:
     if not skip_bad_files:
         raise DataError(scan.first_problem(result) + " (data.skip_bad_files=true leaves bad files out)")
     for split in list(listing.paths):
-        keep = [i for i, p in enumerate(listing.paths[split]) if p not in result.bad]
-        listing.paths[split] = [listing.paths[split][i] for i in keep]
-        listing.labels[split] = listing.labels[split][keep]
+        paths, labels = listing.paths[split], listing.labels[split]
+        keep = [i for i, p in enumerate(paths) if p not in result.bad]
+        emptied = sorted(set(labels.tolist()) - set(labels[keep].tolist()))
+        listing.paths[split], listing.labels[split] = [paths[i] for i in keep], labels[keep]
+        if emptied:
+            name = listing.class_names[emptied[0]]
+            first = next(p for p, label in zip(paths, labels) if label == emptied[0])
+            what = {"train": "training", "val": "validation", "test": "test"}.get(split, split)
+            raise DataError(f"{listing.root}: data.skip_bad_files would leave class {name!r} with no {what} "
+                            f"images (every one of them is bad, such as {Path(first)}: "
+                            f"{result.bad[first]})" + (f"; {len(emptied) - 1} more class(es) too" if len(emptied) > 1 else ""))
     listing.skipped = len(result.bad)
     listing.notes.append(f"{listing.root}: left out {len(result.bad)} bad file(s) (data.skip_bad_files), "
                          f"the first {scan.first_problem(result).split(';')[0]}")

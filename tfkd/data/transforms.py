@@ -10,7 +10,9 @@ Two recipes, chosen by the run's image size (``data.image_size``):
   (0.875: the 224-of-256 crop); training takes a random-resized crop (``train_window``: 8% to
   100% of the area by default, aspect ratio 3/4 to 4/3) and flips half of the images.
 
-Windows are integer pixel boxes of the decoded image, so a JPEG decodes only the window it needs
+Images are upright first: a JPEG's EXIF orientation (a phone photo stored sideways) is applied
+as Pillow's ``exif_transpose`` applies it in the ``export/`` kit. Windows are integer pixel boxes
+of the upright image, so an upright JPEG decodes only the window it needs
 (``tf.io.decode_and_crop_jpeg``); resizing is bilinear with antialiasing, which is what the
 ``export/`` kit's Pillow resize of the same box does on a device (``crop_box`` there).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 #: The largest image side trained with the small-image (pad-and-crop) recipe.
@@ -81,26 +84,142 @@ def is_jpeg(contents: Any) -> Any:
     return tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
 
 
-def image_shape(contents: Any) -> Any:
-    """(height, width) of encoded image bytes: from the JPEG header, else by decoding."""
+#: Bytes at the start of a JPEG that hold its EXIF block (APP1 segments are at most 64 KiB).
+EXIF_BYTES = 1 << 17
+
+
+def _exif_orientation(head: bytes) -> np.int32:
+    """The EXIF orientation (1-8) of a JPEG's first bytes, as Pillow reads it (1 when absent
+    or unreadable): the same reader as the ``export/`` kit's ``ImageOps.exif_transpose``."""
+    import io
+
+    from PIL import Image
+
+    head = head.item() if isinstance(head, np.ndarray) else head  # tf.numpy_function: a 0-d array
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # no EXIF, a damaged block: upright as stored
+        value = 1
+    return np.int32(value if 1 <= value <= 8 else 1)
+
+
+def orientation(contents: Any) -> Any:
+    """The EXIF orientation of encoded image bytes: a JPEG's (phone photos are stored sideways
+    with orientation 6 or 8), 1 for other formats."""
     return tf.cond(is_jpeg(contents),
-                   lambda: tf.image.extract_jpeg_shape(contents)[:2],
-                   lambda: tf.shape(decode(contents))[:2])
+                   lambda: tf.reshape(tf.numpy_function(_exif_orientation, [tf.strings.substr(contents, 0, EXIF_BYTES)],
+                                                        tf.int32, stateful=False), []),
+                   lambda: tf.constant(1, tf.int32))
 
 
-def decode(contents: Any) -> Any:
-    """Any PNG/JPEG/BMP/GIF (grayscale, RGBA, 16-bit) as uint8 RGB; 16-bit keeps its high byte."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False, dtype=tf.uint8)
+def orient(image: Any, value: Any) -> Any:
+    """``image`` turned upright for EXIF orientation ``value``, as Pillow's ``exif_transpose``:
+    2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse, 8 rotate
+    90 counter-clockwise."""
+    transposed = lambda: tf.transpose(image, [1, 0, 2])  # noqa: E731
+    return tf.switch_case(tf.clip_by_value(value, 1, 8) - 1, [
+        lambda: image,
+        lambda: tf.reverse(image, [1]),
+        lambda: tf.reverse(image, [0, 1]),
+        lambda: tf.reverse(image, [0]),
+        transposed,
+        lambda: tf.reverse(transposed(), [1]),
+        lambda: tf.reverse(transposed(), [0, 1]),
+        lambda: tf.reverse(transposed(), [0]),
+    ])
+
+
+def image_shape(contents: Any, turn: Any = None) -> Any:
+    """(height, width) of encoded image bytes as displayed (after the EXIF orientation ``turn``,
+    read when not given): from the JPEG header, else by decoding."""
+    turn = orientation(contents) if turn is None else turn
+    return tf.cond(is_jpeg(contents),
+                   lambda: tf.cond(turn >= 5, lambda: tf.reverse(tf.image.extract_jpeg_shape(contents)[:2], [0]),
+                                   lambda: tf.image.extract_jpeg_shape(contents)[:2]),
+                   lambda: tf.shape(decode(contents, turn))[:2])
+
+
+def is_png(contents: Any) -> Any:
+    """True for PNG bytes."""
+    return tf.equal(tf.strings.substr(contents, 0, 8), b"\x89PNG\r\n\x1a\n")
+
+
+#: The background a transparent pixel shows: white, as an image viewer or a web page shows it.
+#: The ``export/`` kit composites on the same background (``predict._to_rgb``).
+BACKGROUND = 255
+
+
+def composite(color: Any, alpha: Any) -> Any:
+    """uint8 ``color`` over the white ``BACKGROUND`` with uint8 ``alpha``, in integers:
+    (c * a + 255 * (255 - a) + 127) // 255, the kit's formula to the level."""
+    c, a = tf.cast(color, tf.int32), tf.cast(alpha, tf.int32)
+    return tf.cast((c * a + BACKGROUND * (255 - a) + 127) // 255, tf.uint8)
+
+
+def _rgb(image: Any) -> Any:
+    """A uint8 image of 1 to 4 channels (gray, gray + alpha, RGB, RGBA) as RGB; alpha is
+    composited on ``BACKGROUND``."""
+    channels = tf.shape(image)[-1]
+    color = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    return tf.cond(tf.equal(channels % 2, 0), lambda: composite(color, image[..., -1:]), lambda: color)
+
+
+def pillow_rgb(contents: Any) -> np.ndarray:
+    """Encoded bytes of any format Pillow reads (WebP, TIFF, BMP, GIF, ...) as uint8 RGB, exactly
+    as the ``export/`` kit's ``predict._to_rgb`` makes it: upright by its EXIF orientation, the
+    first frame, 16-bit kept to its high byte, alpha composited on white."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    contents = contents.item() if isinstance(contents, np.ndarray) else contents  # tf.numpy_function
+    with Image.open(io.BytesIO(contents)) as image:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            values = np.asarray(image, dtype=np.uint32)
+            gray = values.astype(np.uint8) if image.mode == "I" and values.max(initial=0) <= 255 \
+                else (np.clip(values, 0, 65535) >> 8).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = np.asarray(image.convert("RGBA")).astype(np.uint32)
+            color, alpha = rgba[..., :3], rgba[..., 3:]
+            return ((color * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode(contents: Any, turn: Any = None) -> Any:
+    """Any image file Pillow reads as uint8 RGB, upright. PNG and JPEG are decoded by TensorFlow
+    (a JPEG turned by its EXIF orientation ``turn``, read when not given; 16-bit keeps its high
+    byte; a PNG's alpha (RGBA, gray + alpha, a palette with transparency) is composited on
+    white); every other format (WebP, TIFF, BMP, GIF, ...) by Pillow, as the kit decodes it
+    (``pillow_rgb``)."""
+    turn = orientation(contents) if turn is None else turn
+
+    def pillow() -> Any:
+        return tf.numpy_function(pillow_rgb, [contents], tf.uint8, stateful=False)
+
+    image = tf.cond(is_png(contents),
+                    lambda: _rgb(tf.io.decode_image(contents, channels=0, expand_animations=False, dtype=tf.uint8)),
+                    lambda: tf.cond(is_jpeg(contents),
+                                    lambda: tf.io.decode_image(contents, channels=3, expand_animations=False,
+                                                               dtype=tf.uint8),
+                                    pillow))
+    image.set_shape([None, None, 3])
+    image = orient(image, turn)
     image.set_shape([None, None, 3])
     return image
 
 
-def _decode_window(contents: Any, window: tuple[Any, Any, Any, Any]) -> Any:
+def _decode_window(contents: Any, window: tuple[Any, Any, Any, Any], turn: Any) -> Any:
+    """The ``window`` (of the upright image) of encoded bytes: an upright JPEG decodes only that
+    window; a turned one, like other formats, is decoded whole, turned, then cropped."""
     top, left, height, width = window
     crop = tf.stack([top, left, height, width])
-    return tf.cond(is_jpeg(contents),
+    return tf.cond(tf.logical_and(is_jpeg(contents), tf.equal(turn, 1)),
                    lambda: tf.io.decode_and_crop_jpeg(contents, crop, channels=3),
-                   lambda: tf.slice(decode(contents), [top, left, 0], [height, width, 3]))
+                   lambda: tf.slice(decode(contents, turn), [top, left, 0], [height, width, 3]))
 
 
 def resize(image: Any, size: int) -> Any:
@@ -121,9 +240,10 @@ def eval_bytes(contents: Any, geometry: Geometry) -> Any:
     """Encoded image -> uint8 evaluation input (``size x size x 3``)."""
     if geometry.small:
         return resize(decode(contents), geometry.size)
-    height_width = image_shape(contents)
+    turn = orientation(contents)
+    height_width = image_shape(contents, turn)
     window = eval_window(height_width[0], height_width[1], geometry)
-    return resize(_decode_window(contents, window), geometry.size)
+    return resize(_decode_window(contents, window, turn), geometry.size)
 
 
 def train_bytes(contents: Any, seed: Any, geometry: Geometry) -> Any:
@@ -131,10 +251,11 @@ def train_bytes(contents: Any, seed: Any, geometry: Geometry) -> Any:
     augmentation runs per batch), a random-resized crop (+ flip) for larger images."""
     if geometry.small:
         return resize(decode(contents), geometry.size)
-    height_width = image_shape(contents)
+    turn = orientation(contents)
+    height_width = image_shape(contents, turn)
     seeds = tf.random.experimental.stateless_split(seed, 2)
     window = train_window(height_width[0], height_width[1], seeds[0], geometry)
-    return _flip(resize(_decode_window(contents, window), geometry.size), seeds[1], geometry.hflip)
+    return _flip(resize(_decode_window(contents, window, turn), geometry.size), seeds[1], geometry.hflip)
 
 
 def eval_array(image: Any, geometry: Geometry) -> Any:
