@@ -83,9 +83,14 @@ def test_contract_pixels_in_normalization_inside(exported, student_run, digits):
     assert set(runner.get_output_details()) == {"logits", "probabilities"}
 
 
-def test_uint8_io_int8_model(student_run, digits, tmp_path):
+def test_uint8_io_int8_model(student_run, digits, tmp_path, capfd, recwarn):
     card = export.export(student_run, tmp_path / "u8", ["int8"], int8_io="uint8", max_test_images=120,
                          latency_runs=2, data=digits)
+    # a clean console: the converter's C++ settings line and the deprecation warning of the
+    # tf.lite.Interpreter its calibration creates stay off it (--verbose shows them)
+    err = capfd.readouterr().err
+    assert "fully_quantize" not in err and "Interpreter is deprecated" not in err, err[-500:]
+    assert not [w for w in recwarn if "Interpreter is deprecated" in str(w.message)]
     from ai_edge_litert.interpreter import Interpreter
 
     details = Interpreter(model_path=str(tmp_path / "u8" / "model_int8.tflite")).get_signature_runner(

@@ -42,26 +42,48 @@ def import_tensorflow(verbose: bool = False) -> Any:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow as tf
+    with quiet_native_logs():
+        import tensorflow as tf
 
-            tf.config.list_physical_devices()  # CUDA probing prints here, once
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if line.strip() and not _CHATTER.match(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr)
+        tf.config.list_physical_devices()  # CUDA probing prints here, once
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)
     return tf
+
+
+#: What LiteRT's converter prints on every conversion (its C++ quantizer's settings line).
+_CONVERTER_CHATTER = re.compile(r"^(fully_quantize: \d|Estimated count of arithmetic ops)")
+
+
+@contextlib.contextmanager
+def quiet_native_logs(verbose: bool = False) -> Iterator[None]:
+    """Runs the block with TensorFlow's C++ chatter (start-up lines, the converter's lines) and
+    ``tf.lite.Interpreter``'s deprecation warning (TensorFlow's own converter and quantization
+    debugger create one) kept off the console, unless ``verbose`` (or TensorFlow's log was asked
+    for); anything else written to stderr meanwhile is passed through after the block."""
+    import warnings
+
+    if verbose_logs(verbose) or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated",
+                                category=UserWarning)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if line.strip() and not _CHATTER.match(line) and not _CONVERTER_CHATTER.match(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 # ------------------------------------------------------------------------ argparse types

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from tfkd.cli import quiet_native_logs
 from tfkd.errors import ModelError
 
 #: LiteRT Quantizer recipes by format.
@@ -73,7 +74,8 @@ def legacy_tflite(saved_model: Path, mode: str, representative: np.ndarray | Non
     if mode == "fp16":
         converter.target_spec.supported_types = [tf.float16]
     if mode != "int8":
-        return converter.convert()
+        with quiet_native_logs():
+            return converter.convert()
     if representative is None or not len(representative):
         raise ModelError("int8 export needs representative images")
     converter.representative_dataset = lambda: _samples(representative)
@@ -82,14 +84,12 @@ def legacy_tflite(saved_model: Path, mode: str, representative: np.ndarray | Non
     converter.inference_output_type = io_type
     if not keep_float:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        return converter.convert()
+        with quiet_native_logs():  # its calibration runs tf.lite.Interpreter, which warns it is deprecated
+            return converter.convert()
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    import warnings
-
     options = tf.lite.experimental.QuantizationDebugOptions(
         denylisted_nodes=list(keep_float), fully_quantize=int8_io != "float32")
-    with warnings.catch_warnings():  # the debugger runs tf.lite.Interpreter, which warns it is deprecated
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+    with quiet_native_logs():  # the debugger runs tf.lite.Interpreter too
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: _samples(representative[:1]), debug_options=options)
         return debugger.get_nondebug_quantized_model()
