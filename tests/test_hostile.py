@@ -29,6 +29,7 @@ FAST = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--batch-siz
         "--set", "progress=0"]
 EXPORT_FAST = ["--set", "export.formats=[fp32]", "--set", "export.max_test_images=40",
                "--set", "export.representative=20"]
+EXPORT_ARGS = ["--formats", "fp32", "--max-test-images", "40", "--latency-runs", "1"]  # tfkd.export's own
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -399,6 +400,43 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, finished_run, ca
     assert train.main(["--run-dir", str(run), "--epochs", "1", *FAST, *EXPORT_FAST]) == 0
     assert f"took over the lock of process {dead.pid}" in capsys.readouterr().out
     assert not (run / ".lock").exists()
+
+
+def test_one_writer_per_folder_an_export_waits_for_no_training_and_cleans_a_killed_exports_leftovers(
+        tmp_path, finished_run, capsys):
+    """An export of a run folder that a training process holds is refused (it would ship the
+    student being replaced); a killed export's temporary folders are removed by the next export
+    into the same place; the lock is released after the export."""
+    import socket
+
+    from tfkd import export
+
+    run = _copy_run(finished_run, tmp_path)
+    training = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = Path(f"/proc/{training.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        (run / ".lock").write_text(json.dumps({"pid": training.pid, "host": socket.gethostname(), "start": start,
+                                               "command": "python -m tfkd.train --retrain"}))
+        for target in (run, run / "student.keras"):
+            assert export.main([str(target), "--out", str(tmp_path / "art"), *EXPORT_ARGS]) == 2
+            err = capsys.readouterr().err
+            assert f"{run}: in use by another tfkd process (pid {training.pid}, python -m tfkd.train --retrain)" in err
+            assert not (tmp_path / "art").exists() and json.loads((run / ".lock").read_text())["pid"] == training.pid
+    finally:
+        training.kill()
+        training.wait()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftovers = [tmp_path / f".tmp-{dead.pid}-art", tmp_path / f".old-{dead.pid}-art"]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "model_fp32.tflite").write_bytes(b"half")
+    mine = tmp_path / ".tmp-12-notes"  # another name's: not this export's to remove
+    mine.mkdir()
+    assert export.main([str(run), "--out", str(tmp_path / "art"), *EXPORT_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert all(f"removed {f}, left by an export that was killed" in out and not f.exists() for f in leftovers)
+    assert mine.is_dir() and (tmp_path / "art" / "model_card.json").is_file() and not (run / ".lock").exists()
 
 
 def test_nested_images_count_and_a_plain_teacher_for_cft_is_noted(tmp_path, finished_run, capsys):

@@ -351,10 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--max-drop {args.max_drop}: expected points of top-1 from 0 to 100")
         export.check_out(args.out, args.model)
         cli.import_tensorflow(args.verbose)
-        try:
-            result = compress(args.model, args.out, args.method, args.teacher, args.epochs,
-                              args.learning_rate, args.sparsity, batch_size=args.batch_size,
-                              max_test_images=args.max_test_images, max_drop=args.max_drop)
+        from tfkd import rundir
+
+        source = Path(args.model)
+        try:  # the run folder stays as it is while it is read (no training replaces its student)
+            with rundir.reading(source if source.is_dir() else source.parent,
+                                "python -m tfkd.compress " + " ".join(sys.argv[1:])):
+                result = compress(args.model, args.out, args.method, args.teacher, args.epochs,
+                                  args.learning_rate, args.sparsity, batch_size=args.batch_size,
+                                  max_test_images=args.max_test_images, max_drop=args.max_drop)
         except ImportError as error:
             raise ConfigError(f"{error.name or error}: install the extra with pip install -e "
                               "'.[compress]'") from None

@@ -432,9 +432,11 @@ def export(model_path: str | Path, out: str | Path, formats: Sequence[str] | Non
     ``out`` must be new, empty or a previous tfkd export (``check_out``). Raises
     ``ExportError`` (and writes nothing) when an fp32 format disagrees with Keras.
     """
-    from tfkd import precision
+    from tfkd import precision, rundir
 
-    with precision.policy_scope("float32"):  # exports are float32, whatever a run trained in
+    source = Path(model_path)
+    with rundir.reading(source if source.is_dir() else source.parent, "python -m tfkd.export " + " ".join(sys.argv[1:])), \
+            precision.policy_scope("float32"):  # exports are float32, whatever a run trained in
         return _export(model_path, out, settings_of(settings, formats, **changes), data_dir, data)
 
 
@@ -461,6 +463,8 @@ def _export(model_path: str | Path, out: str | Path, settings: Any, data_dir: st
     def keras_logits(pixels: np.ndarray) -> np.ndarray:
         return model(pixels, training=False)["logits"].numpy()
 
+    for stale in rundir.remove_stale_temporaries(out.parent, out.name):
+        print(f"tfkd: removed {stale}, left by an export that was killed")
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -16,13 +16,14 @@ Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from tfkd.errors import ConfigError
 
@@ -156,6 +157,43 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+def process_alive(pid: int) -> bool:
+    """True if process ``pid`` runs on this machine."""
+    return _alive(pid, None)
+
+
+@contextlib.contextmanager
+def reading(run_dir: str | os.PathLike, command: str) -> Iterator[None]:
+    """Holds a run folder's lock while ``command`` reads its artifacts (an export, a compress),
+    so that no training replaces them meanwhile (``ConfigError`` naming the process that holds
+    it); a folder this process holds already (the pipeline's own export) is read as it is, and
+    a folder that is not a tfkd run folder (no ``dataset.json``) is not locked."""
+    folder = Path(run_dir)
+    lock = RunLock(folder, command)
+    owner = lock._owner()
+    if not (folder / "dataset.json").is_file() or (
+            owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()):
+        yield
+        return
+    with lock:
+        yield
+
+
+def remove_stale_temporaries(folder: Path, suffix: str) -> list[Path]:
+    """Removes ``.tmp-PID-<suffix>`` and ``.old-PID-<suffix>`` folders in ``folder`` left by a
+    killed process (PID no longer running); returns them."""
+    import shutil
+
+    removed = []
+    for kind in (".tmp-", ".old-"):
+        for path in folder.glob(f"{kind}*-{suffix}"):
+            pid = path.name[len(kind):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------- what was made how
