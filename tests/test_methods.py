@@ -390,6 +390,7 @@ def test_a_restored_backup_holds_every_terms_state(method, tmp_path):
         assert float(memory.z.numpy()[0]) > 0  # set on the first step, restored
 
 
+@pytest.mark.xdist_group("methods-crd-kill")  # long, needs no module fixture: its own unit
 def test_crd_run_killed_mid_training_resumes_with_its_memory_bank(tmp_path):
     import h5py
 
@@ -430,6 +431,7 @@ def test_crd_run_killed_mid_training_resumes_with_its_memory_bank(tmp_path):
     assert math.isfinite(metrics["test_accuracy"]) and metrics["terms"] == {"ce": 1.0, "crd": 0.8}
 
 
+@pytest.mark.xdist_group("methods-cli")  # long, needs no module fixture: its own unit
 def test_the_newest_logit_methods_run_through_the_cli(tmp_path):
     from tfkd import train
 

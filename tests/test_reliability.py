@@ -127,6 +127,7 @@ def _metrics_without_timing(run_dir):
     return strip(metrics)
 
 
+@pytest.mark.xdist_group("reliability-deterministic")  # long, needs no module fixture: its own unit
 def test_deterministic_runs_write_identical_metrics(tmp_path):
     args = ["--stage", "all", "--method", "cft", "--epochs", "2", "--seed", "3", "--deterministic",
             *FAST, "--set", "export.formats=[fp32]", "--set", "export.max_test_images=50",
@@ -204,6 +205,7 @@ def _check_run_dir(run_dir):
     return metrics, rows, student
 
 
+@pytest.mark.xdist_group("reliability-kills")  # long; the only user of digits_teacher
 def test_runs_killed_at_three_points_resume_to_the_uninterrupted_result(tmp_path, digits_teacher):
     reference_dir = tmp_path / "reference"
     assert run_cli(*_distill_args(reference_dir, digits_teacher)).returncode == 0

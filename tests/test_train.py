@@ -167,6 +167,7 @@ def test_distill_stage_writes_the_student_alone(tmp_path, digits_run):
     assert {"feat", "adv", "d_real_acc", "d_fake_acc", "val_accuracy"} <= set(header)
 
 
+@pytest.mark.xdist_group("train-mktn")  # long, needs no module fixture: its own unit
 def test_mktn_all_trains_both_teachers_then_the_student(tmp_path):
     run_dir = tmp_path / "m"
     assert train.main(["--method", "mktn", "--epochs", "1", "--run-dir", str(run_dir),
@@ -227,6 +228,7 @@ def _free_ports(count):
     return ports
 
 
+@pytest.mark.xdist_group("train-multiworker")  # long, needs no module fixture: its own unit
 def test_multiworker_distillation_on_two_local_workers(tmp_path):
     """Two worker processes on 127.0.0.1 with TF_CONFIG: the chief writes the artifacts."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
@@ -249,6 +251,7 @@ def test_multiworker_distillation_on_two_local_workers(tmp_path):
     assert "tfkd: done" in outputs[0][0]
 
 
+@pytest.mark.xdist_group("train-multiworker-kill")  # long, needs no module fixture: its own unit
 def test_multiworker_training_survives_a_killed_worker(tmp_path):
     """Two workers; worker 1 is SIGKILLed mid-training; the survivor fails (its collectives lose
     their peer) or is stopped; both restart with the same command and finish from the last
