@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from tfkd import config, losses, models
 from tfkd.distill import from_config, methods, resolve
-from tfkd.distill.methods import RunInfo, crd, ctkd, dist, dkd, nkd, ofd, reviewkd, wttm
-from tfkd.errors import ConfigError
+from tfkd.distill.methods import RunInfo, crd, ctkd, dist, dkd, nkd, ofd, reviewkd, sdd, wttm
+from tfkd.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.xdist_group("methods")
 
@@ -274,6 +274,146 @@ def test_crd_draws_with_replacement_when_a_class_lacks_k_others():
     assert ((np.arange(40) % 2)[idx[:, 1:]] != np.array([0, 1])[:, None]).all()
 
 
+def _sdd_regions_numpy(fmap, kernel, bias, scales):
+    """The authors' SPP and head: the map's 4x4 adaptive pool, each scale pooled from that 4x4
+    grid, flattened row-major, concatenated in the order of the scales ([1x1, 2x2, 4x4]), each
+    region through the dense head; M = [1]: the model's own logits (their KD fallback)."""
+    if list(scales) == [1]:
+        regions = fmap.mean((1, 2))[:, None]
+    else:
+        grid = _adaptive_pool_numpy(fmap, 4)
+        regions = np.concatenate([_adaptive_pool_numpy(grid, s).reshape(len(fmap), s * s, -1) for s in scales], 1)
+    return regions @ kernel + bias  # (B, N, classes)
+
+
+def _sdd_numpy(t_regions, s_regions, y, tau, inconsistent=2.0, loss="kd", alpha=1.0, beta=8.0):
+    """sdd_kd_loss / multi_dkd: per region and example T^2 KL (or DKD), weight 2 where the teacher's
+    region and global (first region) predictions are one right and one wrong, sum / (N B)."""
+    b, n, k = s_regions.shape
+    t, s = t_regions.reshape(-1, k), s_regions.reshape(-1, k)
+    labels = np.repeat(y, n)
+    if loss == "kd":
+        per = tau**2 * kl(softmax(t / tau), softmax(s / tau))
+    else:
+        gt = np.eye(k)[labels].astype(bool)
+        ps, pt = softmax(s / tau), softmax(t / tau)
+        bs = np.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], 1)
+        bt = np.stack([(pt * gt).sum(1), (pt * ~gt).sum(1)], 1)
+        pt2, ps2 = softmax(t / tau - 1000.0 * gt), softmax(s / tau - 1000.0 * gt)
+        nckd = np.sum(pt2 * (np.log(pt2 + 1e-30) - np.log(ps2 + 1e-30)), -1)
+        per = tau**2 * (alpha * kl(bt, bs) + beta * nckd)
+    local_right = (t_regions.argmax(-1) == y[:, None])
+    global_right = np.repeat(local_right[:, :1], n, 1)
+    weight = np.ones((b, n))
+    weight[global_right & ~local_right] = inconsistent  # global true, local wrong
+    weight[~global_right & local_right] = inconsistent  # global wrong, local true
+    return (weight * per.reshape(b, n)).sum() / (n * b), weight
+
+
+def _map_model(size, channels, classes, seed, name):
+    """A model whose input is its last feature map: ReLU, then the zoo's head (pool, dense logits)."""
+    keras.utils.set_random_seed(seed)
+    maps = keras.Input((size, size, channels), name="maps")
+    fmap = keras.layers.ReLU(name="last_relu")(maps)
+    dense = keras.layers.Dense(classes, name="logits")
+    logits = dense(keras.layers.GlobalAveragePooling2D(name="pool")(fmap))
+    dense.bias.assign(np.random.default_rng(seed).normal(size=classes).astype(np.float32))
+    return keras.Model(maps, {"logits": logits, "features": [fmap], "preact": [maps]}, name=name)
+
+
+def _sdd_case(t_size, s_size, batch, scales=(1, 2, 4), loss="kd", tau=4.0, classes=5, seed=0):
+    from tfkd.distill.terms import BuildContext, StepInputs
+
+    teacher = _map_model(t_size, 6, classes, seed + 1, "teacher")
+    student = _map_model(s_size, 4, classes, seed + 2, "student")
+    xt, xs = arrays((batch, t_size, t_size, 6), (batch, s_size, s_size, 4), seed=seed + 3, scale=2.0)
+    heads = [m.get_layer("logits").get_weights() for m in (teacher, student)]
+    t_regions = _sdd_regions_numpy(np.maximum(xt, 0), *heads[0], scales)
+    s_regions = _sdd_regions_numpy(np.maximum(xs, 0), *heads[1], scales)
+    glob = t_regions[:, 0].argmax(-1)  # every other example: the teacher's global prediction right
+    y = np.where(np.arange(batch) % 2 == 0, glob, (glob + 1) % classes).astype(np.int32)
+    expected, weight = _sdd_numpy(t_regions, s_regions, y, tau, 2.0, loss)
+    term = sdd.SDD(0.9, tau, scales, 2.0, loss)
+    term.build(BuildContext(student, {"teacher": teacher}))
+    value = term.compute(StepInputs(y, student(xs), {"teacher": teacher(xt)}))
+    return float(value), expected, weight
+
+
+@pytest.mark.parametrize("size", [8, 4, 7, 6])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_sdd_matches_the_authors_formula_at_any_map_size(size, batch):
+    """CIFAR ResNets' and WRNs' 8x8 maps, VGG's 4x4, and 7x7 and 6x6, where the 4x4 bins overlap
+    and the 2x2 and 1x1 regions average the 4x4 grid (the authors' SPP), not the map."""
+    got, expected, weight = _sdd_case(size, size, batch)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    if batch > 1:  # the global prediction right for some examples, wrong for others: both weights
+        assert (weight == 2.0).any() and (weight == 1.0).any()
+
+
+@pytest.mark.parametrize("t_size, s_size, batch, scales, loss", [
+    (8, 4, 3, (1, 2), "kd"), (7, 8, 8, (1, 2, 4), "dkd"), (6, 6, 3, (1, 2), "dkd"), (7, 6, 3, (1,), "kd"),
+    (2, 3, 5, (1, 2, 4), "kd")])
+def test_sdd_scales_dkd_and_unequal_maps_match_the_authors_formula(t_size, s_size, batch, scales, loss):
+    """M = [1, 2] (5 regions) and [1] (plain KD on the logits), SDD-DKD, a teacher and a student with
+    maps of different sizes (resnet -> vgg), and maps smaller than the 4x4 grid."""
+    got, expected, _ = _sdd_case(t_size, s_size, batch, scales, loss, tau=4.0 if loss == "kd" else 2.0, seed=5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_sdd_reads_each_models_own_classifier_and_refuses_a_head_it_cannot_find():
+    """The zoo's heads: the global region of an 8x8 map (its 4x4 grid's mean) is the model's logits;
+    a head that flattens the map is refused when the distiller is built, naming the model."""
+    from tfkd.distill.terms import BuildContext, StepInputs
+
+    x, = arrays((4, 32, 32, 3), seed=13)
+    cfg = config.load(dotlist=["distill.method=sdd"])
+    for name, index in (("resnet8", 2), ("wrn_16_2", 2), ("vgg8", 4), ("mobilenetv2", 3)):
+        model = models.get(name, 10)
+        found, chain = sdd.classifier_of(model)
+        assert found == index == len(model.output["features"]) - 1 and [l.name for l in chain] == ["logits"]
+        out = model(x, training=False)
+        matrix = sdd.region_matrix(*out["features"][found].shape[1:3], [1, 2, 4])
+        regions = np.asarray(sdd.region_logits(out, found, chain, matrix))
+        assert regions.shape == (4, 21, 10)
+        if out["features"][found].shape[1] % 4 == 0:
+            np.testing.assert_allclose(regions[:, 0], np.asarray(out["logits"]), rtol=1e-4, atol=1e-4)
+    term = [t for t in resolve("sdd").terms(cfg.distill, RunInfo()) if t.name == "sdd"][0]
+    student, teacher = models.get("resnet8", 10), models.get("resnet14", 10)
+    term.build(BuildContext(student, {"teacher": teacher}))
+    value = term.compute(StepInputs(np.arange(4) % 10, student(x), {"teacher": teacher(x)}))
+    assert np.isfinite(float(value))
+    maps = keras.Input((8, 8, 4))
+    flat = keras.Model(maps, {"logits": keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(maps)),
+                              "features": [maps]}, name="flat_head")
+    with pytest.raises(ModelError, match="flat_head.*'flatten'") as error:
+        from_config(cfg.distill, models.get("resnet8", 10), [flat])
+    assert "\n" not in str(error.value)
+
+
+def test_sdd_defaults_are_the_authors():
+    """SDD-KD: 0.1 CE + 0.9 SDD, T 4, M [1, 2, 4], weight 2, no warm-up; SDD-DKD: CE + SDD-DKD
+    (alpha 1, beta 8) warmed up over 20 epochs; [1, 2] and DKD's beta per pair in the recipe."""
+    kd_terms = terms_of("sdd")
+    term = kd_terms["sdd"]
+    assert (kd_terms["ce"].weight, term.weight, term.temperature, term.scales) == (0.1, 0.9, 4.0, [1, 2, 4])
+    assert (term.inconsistent_weight, term.logit_loss, term.warmup_epochs) == (2.0, "kd", 0.0)
+    dkd_terms = terms_of("sdd", "distill.sdd.logit_loss=dkd")
+    term = dkd_terms["sdd"]
+    found = (dkd_terms["ce"].weight, term.weight, term.warmup_epochs, term.alpha, term.beta)
+    assert found == (1.0, 1.0, 20.0, 1.0, 8.0)
+    assert float(term.weight_at(tf.constant(0))) == pytest.approx(1 / 20)
+    mine = terms_of("sdd", "distill.sdd.logit_loss=dkd", "distill.sdd.ce_weight=0.5", "distill.sdd.scales=[1,2]")
+    assert mine["ce"].weight == 0.5 and mine["sdd"].scales == [1, 2]
+    for teacher, student, scales, beta in (
+            ("resnet32x4", "resnet8x4", [1, 2], 8.0), ("vgg13", "vgg8", [1, 2], 6.0),
+            ("resnet56", "resnet20", [1, 2, 4], 2.0), ("wrn_40_2", "wrn_16_2", [1, 2, 4], 6.0)):
+        cfg = config.load(dotlist=["recipe=mdistiller-cifar100", f"teacher.model={teacher}",
+                                   f"student.model={student}", "distill.method=sdd"])
+        assert (list(cfg.distill.sdd.scales), cfg.distill.sdd.beta) == (scales, beta), teacher
+    with pytest.raises(ConfigError, match="distill.sdd.scales"):
+        config.load(dotlist=["distill.method=sdd", "distill.sdd.scales=[2,4]"])
+
+
 # ----------------------------------------------------------------------------- composition, options
 def terms_of(method, *settings):
     cfg = config.load(dotlist=[f"distill.method={method}", *settings])
@@ -325,7 +465,7 @@ def test_defaults_are_the_papers_cifar_settings():
 
 
 # ----------------------------------------------------------------------------- Keras parts
-NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd", "nkd", "wttm", "ctkd"]
+NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd", "nkd", "wttm", "ctkd", "sdd"]
 
 
 def make(method, sync_bn=False, seed=0, labels=64):
@@ -438,7 +578,7 @@ def test_the_newest_logit_methods_run_through_the_cli(tmp_path):
     fast = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--epochs", "1", "--batch-size", "64",
             "--set", "progress=0"]
     assert train.main(["--stage", "teacher", "--run-dir", str(tmp_path / "t"), *fast]) == 0
-    for method in ("nkd", "wttm", "ctkd"):
+    for method in ("nkd", "wttm", "ctkd", "sdd"):
         run_dir = tmp_path / method
         assert train.main(["--stage", "distill", "--method", method, "--teacher", str(tmp_path / "t"),
                            "--run-dir", str(run_dir), *fast]) == 0

@@ -37,6 +37,14 @@ def dkd_loss(teacher_logits: Any, student_logits: Any, labels: Any, alpha: float
     """``alpha TCKD + beta NCKD`` averaged over the batch."""
     from keras import ops
 
+    return ops.mean(dkd_per_example(teacher_logits, student_logits, labels, alpha, beta, temperature))
+
+
+def dkd_per_example(teacher_logits: Any, student_logits: Any, labels: Any, alpha: float, beta: float,
+                    temperature: float) -> Any:
+    """``T^2 (alpha TCKD + beta NCKD)`` of each row, shape (N,) (SDD weighs regions' rows)."""
+    from keras import ops
+
     classes = ops.shape(student_logits)[-1]
     target = ops.one_hot(ops.cast(labels, "int32"), classes, dtype=student_logits.dtype)
     p_s = ops.softmax(student_logits / temperature, axis=-1)
@@ -47,7 +55,7 @@ def dkd_loss(teacher_logits: Any, student_logits: Any, labels: Any, alpha: float
     masked_t = ops.log_softmax(teacher_logits / temperature - 1000.0 * target, axis=-1)
     masked_s = ops.log_softmax(student_logits / temperature - 1000.0 * target, axis=-1)
     nckd = ops.sum(ops.exp(masked_t) * (masked_t - masked_s), -1)
-    return temperature**2 * ops.mean(alpha * tckd + beta * nckd)
+    return temperature**2 * (alpha * tckd + beta * nckd)
 
 
 class DKD(LogitTerm):
