@@ -36,6 +36,7 @@ MODULES = (
     "nkd",
     "wttm",
     "ctkd",
+    "mlkd",
 )
 
 
