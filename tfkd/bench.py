@@ -142,6 +142,7 @@ def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
             model.fit(data[name], steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
                       callbacks=[clock])
             best[name] = min(best[name], ends[-1] - ends[0])  # ``steps`` steps between the ends
+    size = int(batch[1].shape[0])
     return {name: steps * size / seconds for name, seconds in best.items()}
 
 
@@ -170,7 +171,7 @@ def _step_multiply_adds(model: Any, batch: tuple[Any, Any]) -> float:
     graph = tf.function(lambda: model.train_step((x, batch[1]))).get_concrete_function().graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2 / size
+    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2 / int(batch[1].shape[0])
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
