@@ -580,3 +580,101 @@ def test_a_class_of_only_unreadable_files_is_an_error_that_says_why(tmp_path):
     with pytest.raises(DataError, match=r"train/b: empty class folder \(no .*; 1 \.dng file\(s\) left out: "
                                         r"camera raw: convert the files to JPEG or PNG\)"):
         data.prepare(f"folder:{root}", image_size=32, validation_fraction=0)
+
+
+# ------------------------------------------------------------------ MLKD's strong view
+def _pixels(prepared, x):
+    """Normalized inputs back on the [0, 255] scale."""
+    return np.asarray(x) * prepared.std + prepared.mean
+
+
+def test_the_strong_view_is_a_second_augmentation_of_the_same_batch(digits):
+    plain = next(iter(digits.train_dataset(64, seed=3)))[0].numpy()
+    inputs, labels = next(iter(digits.train_dataset(64, seed=3, with_strong=True)))
+    assert set(inputs) == {"images", "strong"} and labels.shape == (64,)
+    weak, strong = inputs["images"].numpy(), inputs["strong"].numpy()
+    assert weak.shape == strong.shape == (64, 32, 32, 3) and strong.dtype == np.float32
+    np.testing.assert_array_equal(weak, plain)  # the weak view is what a run without it sees
+    pixels = _pixels(digits, strong)
+    assert pixels.min() > -0.01 and pixels.max() < 255.01
+    np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)  # whole levels
+    changed = np.abs(pixels - _pixels(digits, weak)).mean(axis=(1, 2, 3))
+    assert (changed > 1.0).mean() > 0.9  # each image its own ops and cutout
+    gray = np.all(np.abs(pixels - [125, 123, 114]) < 0.01, axis=-1)
+    assert gray.any(axis=(1, 2)).all()  # every image has its cutout patch
+    again = next(iter(digits.train_dataset(64, seed=3, with_strong=True)))[0]
+    np.testing.assert_array_equal(again["strong"].numpy(), strong)  # seeded
+    other = next(iter(digits.train_dataset(64, seed=4, with_strong=True)))[0]
+    assert not np.array_equal(other["strong"].numpy(), strong)
+    both, _ = next(iter(digits.train_dataset(64, seed=3, with_index=True, with_strong=True)))
+    assert set(both) == {"images", "index", "strong"}
+    np.testing.assert_array_equal(both["strong"].numpy(), strong)
+    unaugmented, _ = next(iter(digits.train_dataset(64, seed=3, augment=False, with_strong=True)))
+    assert not np.array_equal(unaugmented["strong"].numpy(), unaugmented["images"].numpy())
+
+
+def test_cutout_paints_one_gray_square_up_to_half_the_side():
+    from tfkd.data import transforms
+
+    images = np.zeros((200, 32, 32, 3), np.float32)
+    out = transforms.cutout(tf.constant(images), tf.constant([5, 6], tf.int64)).numpy()
+    for patch in np.all(out == [125, 123, 114], axis=-1):
+        rows, cols = np.nonzero(patch.any(1))[0], np.nonzero(patch.any(0))[0]
+        assert len(rows) >= 1 and len(cols) >= 1 and len(rows) <= 17 and len(cols) <= 17
+        assert patch[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one filled rectangle
+        assert patch.sum() == len(rows) * len(cols)
+    sides = np.all(out == [125, 123, 114], axis=-1).any(1).sum(-1)
+    assert sides.max() >= 12 and sides.min() <= 4  # sizes drawn up to half the side
+
+
+def test_strong_ops_match_pils_on_a_random_image():
+    """Each RandAugment op of the strong view against PIL's, the library MLKD's authors use."""
+    from PIL import ImageEnhance, ImageOps
+
+    from tfkd.data import transforms
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 120, (32, 32, 3)).astype(np.uint8)
+    pil = Image.fromarray(image)
+    u = 0.8
+    ranges = {name: (lo, hi) for name, lo, hi in transforms.STRONG_OPS}
+
+    def value(name):
+        lo, hi = ranges[name]
+        return lo + (hi - lo) * u
+
+    expected = {
+        "auto_contrast": ImageOps.autocontrast(pil), "equalize": ImageOps.equalize(pil), "identity": pil,
+        "brightness": ImageEnhance.Brightness(pil).enhance(value("brightness")),
+        "color": ImageEnhance.Color(pil).enhance(value("color")),
+        "contrast": ImageEnhance.Contrast(pil).enhance(value("contrast")),
+        "sharpness": ImageEnhance.Sharpness(pil).enhance(value("sharpness")),
+        "posterize": ImageOps.posterize(pil, int(value("posterize"))),
+        "solarize": ImageOps.solarize(pil, value("solarize")),
+        "rotate": pil.rotate(value("rotate")),
+        "shear_x": pil.transform(pil.size, Image.AFFINE, (1, value("shear_x"), 0, 0, 1, 0)),
+        "shear_y": pil.transform(pil.size, Image.AFFINE, (1, 0, 0, value("shear_y"), 1, 0)),
+        "translate_x": pil.transform(pil.size, Image.AFFINE, (1, 0, value("translate_x") * 32, 0, 1, 0)),
+        "translate_y": pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, value("translate_y") * 32)),
+    }
+    assert set(expected) == set(ranges)
+    for i, (name, _, _) in enumerate(transforms.STRONG_OPS):
+        got = transforms._strong_op(tf.constant(image[None], tf.float32), tf.constant([i]),
+                                    tf.constant([u])).numpy()[0]
+        diff = np.abs(got - np.asarray(expected[name]).astype(np.float32))
+        assert diff.max() <= 1.0, name  # blends may round the other way
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "streaming"])
+def test_a_strong_view_of_larger_images_is_its_own_crop(tmp_path, pipeline):
+    root = _photo_folder(tmp_path / "photos")
+    prepared = data.prepare(f"folder:{root}", image_size=96, pipeline=pipeline)
+    plain = next(iter(prepared.train_dataset(8, seed=0)))[0].numpy()
+    inputs, _ = next(iter(prepared.train_dataset(8, seed=0, with_strong=True)))
+    assert set(inputs) == {"images", "strong"} and inputs["strong"].shape == (8, 96, 96, 3)
+    np.testing.assert_array_equal(inputs["images"].numpy(), plain)
+    pixels = _pixels(prepared, inputs["strong"].numpy())
+    assert pixels.min() > -0.01 and pixels.max() < 255.01
+    assert np.all(np.abs(pixels - [125, 123, 114]) < 0.01, axis=-1).any(axis=(1, 2)).all()
+    again, _ = next(iter(prepared.train_dataset(8, seed=0, with_strong=True)))
+    np.testing.assert_array_equal(again["strong"].numpy(), inputs["strong"].numpy())

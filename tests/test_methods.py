@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfkd import config, losses, models
 from tfkd.distill import from_config, methods, resolve
-from tfkd.distill.methods import RunInfo, crd, ctkd, dist, dkd, nkd, ofd, reviewkd, sdd, wttm
+from tfkd.distill.methods import RunInfo, crd, ctkd, dist, dkd, mlkd, nkd, ofd, reviewkd, sdd, wttm
 from tfkd.errors import ConfigError, ModelError
 
 pytestmark = pytest.mark.xdist_group("methods")
@@ -192,6 +192,70 @@ def test_wttm_loss_matches_numpy(batch, classes, gamma):
     q = powered / u[:, None]
     expected = (u * (q * (np.log(q) - np.log(softmax(s)))).sum(-1)).mean()
     np.testing.assert_allclose(float(wttm.wttm_loss(t, s, gamma)), expected, rtol=1e-5)
+
+
+def _mlkd_numpy(tw, sw, ts, ss, y, quirk=True):
+    """MLKD's loss as its authors' KD_ours.forward_train writes it out, temperature by temperature."""
+    batch, classes = tw.shape
+
+    def kd(s, t, T):
+        return T * T * kl(softmax(t / T), softmax(s / T)).mean()
+
+    def cc(s, t, T):
+        p, q = softmax(t / T), softmax(s / T)
+        return ((p.T @ p - q.T @ q) ** 2).sum() / classes
+
+    def bc(s, t, T):
+        p, q = softmax(t / T), softmax(s / T)
+        return ((p @ p.T - q @ q.T) ** 2).sum() / batch
+
+    def ce(s):
+        return -np.log(softmax(s)[np.arange(batch), y]).mean()
+
+    p = softmax(tw)
+    mask = p.max(1) <= np.percentile(p.max(1), 50)
+    class_mask = p.sum(0) <= np.percentile(p.sum(0), 50)
+    temps = (4.0, 3.0, 5.0, 2.0, 6.0)
+    kd_weak = sum(0.9 * (kd(sw, tw, T) * mask).mean() for T in temps)
+    strong = [(ss, ts)] * 3 + ([(sw, tw)] * 2 if quirk else [(ss, ts)] * 2)
+    kd_strong = sum(0.9 * kd(s, t, T) for (s, t), T in zip(strong, temps))
+    cc_weak = sum(0.9 * (cc(sw, tw, T) * class_mask).mean() for T in temps)
+    bc_weak = sum(0.9 * (bc(sw, tw, T) * mask).mean() for T in temps)
+    return 0.1 * (ce(sw) + ce(ss)) + kd_weak + kd_strong + cc_weak + bc_weak
+
+
+@pytest.mark.parametrize("batch", [2, 5, 16])
+@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("quirk", [True, False])
+def test_mlkd_loss_matches_the_authors_forward_train(batch, classes, quirk):
+    """CE on both views, then at T 4, 3, 5, 2, 6: the weak view's KD times the fraction of the
+    batch under the median teacher confidence, the strong view's KD (at 2 and 6 the authors' code
+    reads the weak view: the quirk kept by default), the class correlation times the fraction of
+    classes under the median class sum, the batch correlation times the confidence fraction."""
+    from tfkd.distill.terms import StepInputs
+
+    tw, sw, ts, ss = arrays(*[(batch, classes)] * 4, seed=11 + batch, scale=3.0)
+    y = (np.arange(batch) % classes).astype(np.int32)
+    settings = [] if quirk else ["distill.mlkd.strong_weak_temperatures=[]"]
+    cfg = config.load(dotlist=["distill.method=mlkd", *settings])
+    found = resolve("mlkd").terms(cfg.distill, RunInfo())
+    assert [t.name for t in found] == ["ce_views", "mlkd_kd", "mlkd_cc", "mlkd_bc"]
+    assert all(t.needs_strong_view for t in found)
+    batch_inputs = StepInputs(y, {"logits": tf.constant(sw)}, {"teacher": {"logits": tf.constant(tw)}},
+                              student_strong={"logits": tf.constant(ss)},
+                              teachers_strong={"teacher": {"logits": tf.constant(ts)}})
+    got = sum(t.weight * float(t.compute(batch_inputs)) for t in found)
+    np.testing.assert_allclose(got, _mlkd_numpy(tw, sw, ts, ss, y, quirk), rtol=1e-5)
+
+
+def test_mlkd_masks_keep_what_is_at_most_the_median():
+    """np.percentile's median: the middle value of an odd count, the mean of the two middle ones
+    of an even count; ties at the median are kept."""
+    logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.55, 0.45]], np.float32))
+    kept, kept_classes = (float(v) for v in mlkd.masks(tf.constant(logits)))
+    assert kept == 0.5 and kept_classes == 0.5  # 0.55, 0.6 under 0.65; class 1 under class 0
+    kept, _ = (float(v) for v in mlkd.masks(tf.constant(logits[:3])))
+    assert kept == pytest.approx(2 / 3)  # 0.6 and 0.7 (the median itself)
 
 
 def test_ctkd_curriculum_and_temperature_match_the_authors_formulas():
@@ -465,7 +529,7 @@ def test_defaults_are_the_papers_cifar_settings():
 
 
 # ----------------------------------------------------------------------------- Keras parts
-NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd", "nkd", "wttm", "ctkd", "sdd"]
+NEW = ["dkd", "dist", "kd+ls", "ofd", "reviewkd", "crd", "nkd", "wttm", "ctkd", "sdd", "mlkd"]
 
 
 def make(method, sync_bn=False, seed=0, labels=64):
@@ -481,7 +545,14 @@ def make(method, sync_bn=False, seed=0, labels=64):
 
 
 def inputs(distiller, x, index):
-    return {"images": x, "index": index} if distiller.needs_index else x
+    if not (distiller.needs_index or distiller.needs_strong_view):
+        return x
+    named = {"images": x}
+    if distiller.needs_index:
+        named["index"] = index
+    if distiller.needs_strong_view:  # a view of its own: upside down, brighter
+        named["strong"] = x[:, ::-1] + 0.5
+    return named
 
 
 @pytest.mark.parametrize("method", NEW)
@@ -578,12 +649,13 @@ def test_the_newest_logit_methods_run_through_the_cli(tmp_path):
     fast = ["--teacher-model", "resnet8", "--student-model", "resnet8", "--epochs", "1", "--batch-size", "64",
             "--set", "progress=0"]
     assert train.main(["--stage", "teacher", "--run-dir", str(tmp_path / "t"), *fast]) == 0
-    for method in ("nkd", "wttm", "ctkd", "sdd"):
+    expected = {"mlkd": {"ce_views", "mlkd_kd", "mlkd_cc", "mlkd_bc"}}  # its training data has a strong view
+    for method in ("nkd", "wttm", "ctkd", "sdd", "mlkd"):
         run_dir = tmp_path / method
         assert train.main(["--stage", "distill", "--method", method, "--teacher", str(tmp_path / "t"),
                            "--run-dir", str(run_dir), *fast]) == 0
         metrics = json.loads((run_dir / "metrics.json").read_text())["stages"]["distill"]
-        assert metrics["method"] == method and set(metrics["terms"]) == {"ce", method}
+        assert metrics["method"] == method and set(metrics["terms"]) == expected.get(method, {"ce", method})
         assert math.isfinite(metrics["test_accuracy"])
 
 

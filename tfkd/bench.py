@@ -87,8 +87,7 @@ def pipeline(args: argparse.Namespace) -> dict[str, Any]:
     pipe = _pipeline_rate(data.train_dataset(args.batch_size), args.batches)
     peak = _peak_rss_mb()  # before any model exists: what reading the data costs
     model = _step(args, data)
-    with_index = getattr(model, "needs_index", False)
-    batch = next(iter(data.train_dataset(args.batch_size, with_index=with_index)))
+    batch = next(iter(data.train_dataset(args.batch_size)))  # _fit_rates adds what the step reads
     step = _fit_rates({"step": model}, batch, args.steps)["step"]
     pipe, step = round(pipe, 1), round(step, 1)
     decoded = images * side * side * 3 / 2**20
@@ -124,15 +123,13 @@ def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
     ``on_train_end``). The models take turns, one timing each per round, so a slow spell of a
     shared machine falls on every model rather than on whichever was being timed; each keeps the
     best of its ``repeats`` timings, the one least disturbed by other work. A model that trains
-    with the examples' indices (``needs_index``: a memory bank) gets ``{"images", "index"}``.
+    with the examples' indices (``needs_index``: a memory bank) gets ``{"images", "index"}``, one
+    that reads a strong view (``needs_strong_view``) ``"strong"`` too (``_step_inputs``).
     """
     import keras
-    import numpy as np
     import tensorflow as tf
 
-    size = int(batch[1].shape[0])
-    indexed = ({"images": batch[0], "index": np.arange(size, dtype=np.int32)}, batch[1])
-    data = {name: tf.data.Dataset.from_tensors(indexed if getattr(m, "needs_index", False) else batch).repeat()
+    data = {name: tf.data.Dataset.from_tensors((_step_inputs(m, batch), batch[1])).repeat()
             for name, m in models.items()}
     for name, model in models.items():
         model.fit(data[name], steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)  # trace, warm up
@@ -145,22 +142,36 @@ def _fit_rates(models: dict[str, Any], batch: tuple[Any, Any], steps: int,
             model.fit(data[name], steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False,
                       callbacks=[clock])
             best[name] = min(best[name], ends[-1] - ends[0])  # ``steps`` steps between the ends
+    size = int(batch[1].shape[0])
     return {name: steps * size / seconds for name, seconds in best.items()}
+
+
+def _step_inputs(model: Any, batch: tuple[Any, Any]) -> Any:
+    """The inputs of ``model``'s train step on ``batch``: the images, or ``{"images", "index",
+    "strong"}`` as it needs (the strong view: the same pixels, which cost what any others do)."""
+    import numpy as np
+
+    index, strong = getattr(model, "needs_index", False), getattr(model, "needs_strong_view", False)
+    if not (index or strong):
+        return batch[0]
+    x = {"images": batch[0]}
+    if index:
+        x["index"] = np.arange(int(batch[1].shape[0]), dtype=np.int32)
+    if strong:
+        x["strong"] = batch[0]
+    return x
 
 
 def _step_multiply_adds(model: Any, batch: tuple[Any, Any]) -> float:
     """Multiply-adds per image of one ``train_step`` of ``model``, as TensorFlow's graph profiler
     counts them (convolutions, their gradients, matrix products: the work the step must do)."""
-    import numpy as np
     import tensorflow as tf
 
-    size = int(batch[1].shape[0])
-    x = ({"images": batch[0], "index": np.arange(size, dtype=np.int32)}
-         if getattr(model, "needs_index", False) else batch[0])
+    x = _step_inputs(model, batch)
     graph = tf.function(lambda: model.train_step((x, batch[1]))).get_concrete_function().graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2 / size
+    return tf.compat.v1.profiler.profile(graph, options=options).total_float_ops / 2 / int(batch[1].shape[0])
 
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:

@@ -72,6 +72,10 @@ class DataConfig:
                                      "statistics are estimated from")
     skip_bad_files: bool = option(False, "folder: datasets: leave out (and count) files the header "
                                          "scan finds unreadable instead of stopping")
+    strong_view: bool = option(False, "training batches also carry a strongly augmented view of "
+                                      "each image (its own crop and flip, then RandAugment with 2 "
+                                      "ops and Cutout up to half the side, gray): what MLKD reads; "
+                                      "a method that reads it turns it on itself")
     shuffle_buffer: int = option(0, "shuffle buffer in examples; 0: the whole training split")
     evaluate_test: bool = option(True, "evaluate on the test split at the end of training; off "
                                        "while tuning on the validation split")

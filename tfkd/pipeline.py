@@ -56,7 +56,7 @@ def _update_metrics(run_dir: Path, stage: str, metrics: dict[str, Any],
 
 
 def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage: str, epochs: int,
-         extra_callbacks: list[Any], with_index: bool = False, keep: Any = None,
+         extra_callbacks: list[Any], with_index: bool = False, with_strong: bool = False, keep: Any = None,
          precise_bn: Any = None, replicas: int = 1
          ) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Fits ``model`` with the run's callbacks; returns (history, val metrics, test metrics,
@@ -64,7 +64,8 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
     summed across resumes) and, with ``precise_bn`` (a ``PreciseBNConfig``) enabled, what
     re-estimating the batch-norm statistics of ``keep`` (the model the stage saves) did, on
     batches of the per-replica size (``replicas``), before the final evaluation.
-    ``with_index``: training batches carry each example's index in the split (memory banks)."""
+    ``with_index``: training batches carry each example's index in the split (memory banks);
+    ``with_strong``: they carry a strongly augmented second view too (MLKD)."""
     import keras
 
     from tfkd import callbacks
@@ -75,7 +76,8 @@ def _fit(model: Any, cfg: config_lib.RunConfig, data: Any, out_dir: Path, stage:
         recalibration = [callbacks.PreciseBatchNorm(
             keep, lambda: data.sample("train", precise_bn.images, seed=cfg.seed),
             max(2, batch // max(1, replicas)), data.normalize)]
-    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer, with_index)
+    train_ds = data.train_dataset(batch, cfg.seed, cfg.data.augment, cfg.data.shuffle_buffer, with_index,
+                                  with_strong)
     val_ds = data.eval_dataset("val", batch) if data.count("val") else None
     meter = callbacks.ThroughputMeter(batch)
     status = callbacks.RunStatus(out_dir / "status.json", stage, epochs)
@@ -403,6 +405,7 @@ def train_student(cfg: config_lib.RunConfig, data: Any, strategy: Any, out_dir: 
     teacher_top1 = _teacher_accuracies(teacher_paths, teachers, data, batch, dcfg.method)
     history, val, test, timing = _fit(distiller, cfg, data, out_dir, "distill", scfg.epochs, [],
                                       with_index=distiller.needs_index, keep=student,
+                                      with_strong=distiller.needs_strong_view or cfg.data.strong_view,
                                       precise_bn=scfg.precise_bn, replicas=strategy.num_replicas_in_sync)
     warnings = _judge("the student", history, val, test, data, timing)
     with io.atomic_path(out_dir / "student.keras") as tmp:  # every worker saves (non-chief: its .workers copy)

@@ -101,38 +101,84 @@ class Data:
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         return dataset.with_options(options)
 
-    def _finish(self, ds: tf.data.Dataset, with_index: bool) -> tf.data.Dataset:
-        """(uint8 images, labels, index) batches -> normalized model inputs, prefetched."""
-        if with_index:
-            ds = ds.map(lambda x, y, i: ({"images": self.normalize(x), "index": i}, y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-            ds = ds.map(lambda x, y, i: (self.normalize(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    def _finish(self, ds: tf.data.Dataset, with_index: bool, with_strong: bool = False) -> tf.data.Dataset:
+        """(uint8 images, labels, index[, strong view]) batches -> normalized model inputs,
+        prefetched: ``{"images", "index", "strong"}`` as asked, else the images alone."""
+        normalize = self.normalize
+
+        def inputs(x: Any, y: Any, i: Any, *strong: Any) -> Any:
+            if not (with_index or with_strong):
+                return normalize(x), y
+            named = {"images": normalize(x)}
+            if with_index:
+                named["index"] = i
+            if with_strong:
+                named["strong"] = normalize(strong[0])
+            return named, y
+
+        ds = ds.map(inputs, num_parallel_calls=tf.data.AUTOTUNE)
         return self._options(ds.prefetch(tf.data.AUTOTUNE))
 
-    def _augment_batches(self, ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    def _augment_batches(self, ds: tf.data.Dataset, seed: int, with_strong: bool = False) -> tf.data.Dataset:
         """The small-image recipe on (uint8 images, labels, index) batches: pad-and-crop and flips,
-        each batch with its own stateless seed."""
-        from tfkd.data.transforms import augment_batch
+        each batch with its own stateless seed. ``with_strong``: a second view is appended, its
+        own pad-and-crop and flips then ``transforms.strong_batch`` (seeds folded from the same
+        batch seed: the first view is the one a run without it sees)."""
+        from tfkd.data.transforms import augment_batch, strong_batch
 
         seeds, hflip = tf.data.Dataset.random(seed=seed).batch(2), self.geometry.hflip
-        return tf.data.Dataset.zip((ds, seeds)).map(
-            lambda batch, s: (augment_batch(batch[0], s, hflip), batch[1], batch[2]),
-            num_parallel_calls=tf.data.AUTOTUNE)
+
+        def augment(batch: Any, s: Any) -> Any:
+            weak = augment_batch(batch[0], s, hflip)
+            if not with_strong:
+                return weak, batch[1], batch[2]
+            fold = tf.random.experimental.stateless_fold_in
+            strong = strong_batch(augment_batch(batch[0], fold(s, 1), hflip), fold(s, 2))
+            return weak, batch[1], batch[2], strong
+
+        return tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
 
     @staticmethod
-    def _per_image(ds: tf.data.Dataset, seed: int, crop: Any) -> tf.data.Dataset:
+    def _per_image(ds: tf.data.Dataset, seed: int, crop: Any, with_strong: bool = False,
+                   load: Any = None) -> tf.data.Dataset:
         """``crop(image or encoded bytes, seed)`` on each (item, label, index) element, each
-        with its own stateless seed (random-resized crops)."""
+        with its own stateless seed (random-resized crops); ``load`` first reads the item (once).
+        ``with_strong``: a second crop of the same item is appended (its seed folded from the
+        first's), for ``_strong_batches`` after batching."""
         seeds = tf.data.Dataset.random(seed=seed).batch(2)
-        return tf.data.Dataset.zip((ds, seeds)).map(lambda e, s: (crop(e[0], s), e[1], e[2]),
-                                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        def one(e: Any, s: Any) -> Any:
+            item = load(e[0]) if load is not None else e[0]
+            if not with_strong:
+                return crop(item, s), e[1], e[2]
+            return crop(item, s), e[1], e[2], crop(item, tf.random.experimental.stateless_fold_in(s, 1))
+
+        return tf.data.Dataset.zip((ds, seeds)).map(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    @staticmethod
+    def _strong_batches(ds: tf.data.Dataset, seed: int, copy: bool = False) -> tf.data.Dataset:
+        """``transforms.strong_batch`` on the last element of each (images, labels, index,
+        view) batch, or with ``copy`` on a copy of the images appended as that view (no crop of
+        its own: augmentation off), each batch with its own seed."""
+        from tfkd.data.transforms import strong_batch
+
+        seeds = tf.data.Dataset.random(seed=seed).batch(2)
+        fold = tf.random.experimental.stateless_fold_in
+
+        def strong(batch: Any, s: Any) -> Any:
+            view = batch[0] if copy else batch[3]
+            return batch[0], batch[1], batch[2], strong_batch(view, fold(s, 2))
+
+        return tf.data.Dataset.zip((ds, seeds)).map(strong, num_parallel_calls=tf.data.AUTOTUNE)
 
     def train_dataset(self, batch_size: int, seed: int = 0, augment: bool = True,
-                      shuffle_buffer: int = 0, with_index: bool = False) -> tf.data.Dataset:
+                      shuffle_buffer: int = 0, with_index: bool = False,
+                      with_strong: bool = False) -> tf.data.Dataset:
         """Shuffled, augmented, normalized training batches (partial last batch dropped).
         ``with_index``: the inputs are ``{"images", "index"}``, the index of each example in
-        the training split (for terms with a memory bank)."""
+        the training split (for terms with a memory bank). ``with_strong``: they also hold
+        ``"strong"``, a second view of each image (its own crop and flip, then RandAugment and
+        Cutout: ``transforms.strong_batch``; ``data.strong_view``)."""
         raise NotImplementedError
 
     def _eval_pixels(self, split: str, batch_size: int) -> tf.data.Dataset:

@@ -54,7 +54,8 @@ class ArrayData(Data):
         return self.geometry.small and self.train_images.shape[1:3] == (self.geometry.size,) * 2
 
     def train_dataset(self, batch_size: int, seed: int = 0, augment: bool = True,
-                      shuffle_buffer: int = 0, with_index: bool = False) -> tf.data.Dataset:
+                      shuffle_buffer: int = 0, with_index: bool = False,
+                      with_strong: bool = False) -> tf.data.Dataset:
         self._check_batch(batch_size)
         n = self.count("train")
         ds = tf.data.Dataset.from_tensor_slices((self.train_images, self.train_labels,
@@ -67,15 +68,19 @@ class ArrayData(Data):
                             num_parallel_calls=tf.data.AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=tf.data.AUTOTUNE)
             if augment:
-                ds = self._augment_batches(ds, seed)
+                ds = self._augment_batches(ds, seed, with_strong)
+            elif with_strong:
+                ds = self._strong_batches(ds, seed, copy=True)
         else:
             if augment:
-                ds = self._per_image(ds, seed, lambda x, s: transforms.train_array(x, s, geometry))
+                ds = self._per_image(ds, seed, lambda x, s: transforms.train_array(x, s, geometry), with_strong)
             else:
                 ds = ds.map(lambda x, y, i: (transforms.eval_array(x, geometry), y, i),
                             num_parallel_calls=tf.data.AUTOTUNE)
             ds = ds.batch(batch_size, drop_remainder=True)
-        return self._finish(ds, with_index)
+            if with_strong:
+                ds = self._strong_batches(ds, seed, copy=not augment)
+        return self._finish(ds, with_index, with_strong)
 
     def _eval_pixels(self, split: str, batch_size: int) -> tf.data.Dataset:
         images, labels = self.arrays(split)

@@ -124,19 +124,23 @@ class StreamData(Data):
 
     # ------------------------------------------------------------------ pipelines
     def train_dataset(self, batch_size: int, seed: int = 0, augment: bool = True,
-                      shuffle_buffer: int = 0, with_index: bool = False) -> tf.data.Dataset:
+                      shuffle_buffer: int = 0, with_index: bool = False,
+                      with_strong: bool = False) -> tf.data.Dataset:
         self._check_batch(batch_size)
         n, geometry, read = self.count("train"), self.geometry, self._read()
         buffer = shuffle_buffer or (n if self.records.is_path else min(n, RECORD_SHUFFLE))
         ds = self.records.elements("train").shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        if augment and not geometry.small:
-            ds = self._per_image(ds, seed, lambda item, s: transforms.train_bytes(read(item), s, geometry))
+        if augment and not geometry.small:  # a strong view crops the same bytes, read once
+            ds = self._per_image(ds, seed, lambda contents, s: transforms.train_bytes(contents, s, geometry),
+                                 with_strong, load=read)
         else:
             ds = ds.map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=True)
         if augment and geometry.small:
-            ds = self._augment_batches(ds, seed)
-        return self._finish(ds, with_index)
+            ds = self._augment_batches(ds, seed, with_strong)
+        elif with_strong:
+            ds = self._strong_batches(ds, seed, copy=not augment)
+        return self._finish(ds, with_index, with_strong)
 
     def _eval_pixels(self, split: str, batch_size: int) -> tf.data.Dataset:
         ds = self.records.elements(split).map(self._eval_map(), num_parallel_calls=tf.data.AUTOTUNE,

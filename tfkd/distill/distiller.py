@@ -5,7 +5,9 @@ It holds the student, the frozen teachers (by role) and the method's loss terms
 
 1. the teachers run in inference mode (a term may ask for its teacher's batch norm to use the
    batch's statistics, as OFD's authors run it; their weights never change), the student once,
-   under the student's gradient tape; each term prepares what it shares (adapted maps);
+   under the student's gradient tape; each term prepares what it shares (adapted maps). When a
+   term reads the strong view (the input's ``"strong"``), every model also runs on it, a
+   forward pass of its own;
 2. every term with an optimizer of its own takes its step (the adversarial term's
    discriminators: teacher maps real, adapted student maps, gradient stopped, fake);
 3. the student step: the weighted sum of the terms (weights may warm up with the step count),
@@ -78,6 +80,7 @@ class Distiller(keras.Model):
         self.auxiliary_terms = [t for t in self.terms if t.auxiliary_variables()]
         self.auxiliary_optimizers = [t.auxiliary_optimizer() for t in self.auxiliary_terms]
         self.needs_index = any(t.needs_index for t in self.terms)
+        self.needs_strong_view = any(t.needs_strong_view for t in self.terms)
         self.weights_by_term = {t.name: t.weight for t in self.terms}
         names = ["loss", "ce", *[t.name for t in self.terms if t.name != "ce"],
                  *[n for t in self.auxiliary_terms for n in t.auxiliary_logs]]
@@ -181,11 +184,14 @@ class Distiller(keras.Model):
     def train_step(self, data: Any) -> dict[str, tf.Tensor]:
         x, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
         images, index = (x["images"], x.get("index")) if isinstance(x, dict) else (x, None)
-        teacher_outputs = {role: precision.float32(model(images, training=self.teacher_training[role]))
-                           for role, model in self.teacher_models.items()}
+        views = [images, x["strong"]] if self.needs_strong_view else [images]
+        teachers = [{role: precision.float32(model(view, training=self.teacher_training[role]))
+                     for role, model in self.teacher_models.items()} for view in views]
         with tf.GradientTape() as tape:
-            batch = StepInputs(labels, precision.float32(self.student(images, training=True)),
-                               teacher_outputs, index, True, self.optimizer.iterations)
+            student = [precision.float32(self.student(view, training=True)) for view in views]
+            batch = StepInputs(labels, student[0], teachers[0], index, True, self.optimizer.iterations,
+                               student_strong=student[-1] if len(views) > 1 else None,
+                               teachers_strong=teachers[-1] if len(views) > 1 else None)
             for term in self.terms:
                 term.prepare(batch)
             logs: dict[str, tf.Tensor] = {}

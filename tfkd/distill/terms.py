@@ -1,7 +1,8 @@
 """Loss terms: the parts every distillation method is made of.
 
 A term is a small object that declares what it reads (``teacher``: which of the method's teachers;
-``needs``: per-example dataset indices for a memory bank), builds what it trains from the models'
+``needs_index``: per-example dataset indices for a memory bank; ``needs_strong_view``: the models
+on a strongly augmented second view), builds what it trains from the models'
 shapes (``build``: adapters, discriminators, embeddings, each a Keras layer the Distiller tracks),
 computes its unscaled value (``compute``), and may take an optimizer step of its own before the
 student's (``auxiliary_step``: the adversarial term's discriminator step). Its ``slot`` says what
@@ -53,7 +54,9 @@ class BuildContext:
 @dataclass
 class StepInputs:
     """One batch as the terms see it: labels, the student's and each teacher's outputs, the
-    examples' dataset indices (or None), and a cache terms share (adapted feature maps)."""
+    examples' dataset indices (or None), a cache terms share (adapted feature maps), and, when a
+    term reads the strong view (``needs_strong_view``), the student's and the teachers' outputs
+    on it (their own forward passes: batch norm normalizes each view by its own statistics)."""
 
     labels: Any
     student: dict[str, Any]
@@ -62,6 +65,8 @@ class StepInputs:
     training: bool = True
     step: Any = None  # the student optimizer's iteration count (a tensor)
     cache: dict[Any, Any] = field(default_factory=dict)
+    student_strong: dict[str, Any] | None = None
+    teachers_strong: dict[str, dict[str, Any]] | None = None
 
     def cached(self, key: Any, make: Callable[[], Any]) -> Any:
         """``make()`` once per batch for ``key`` (e.g. adapted maps the feature and adversarial
@@ -78,6 +83,9 @@ class Term:
     name = "term"
     slot = "term"
     needs_index = False
+    #: True: the term reads the models' outputs on a strongly augmented second view of the batch
+    #: (``StepInputs.student_strong``/``teachers_strong``; the data's ``"strong"`` input).
+    needs_strong_view = False
     #: True: the term's teacher runs with its batch norm normalizing by each batch's statistics
     #: (its authors' teacher in training mode; its weights still never change), not by its
     #: moving averages.

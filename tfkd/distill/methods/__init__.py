@@ -37,6 +37,7 @@ MODULES = (
     "wttm",
     "ctkd",
     "sdd",
+    "mlkd",
 )
 
 
