@@ -5,7 +5,9 @@ The pooled last-stage features of student and teacher are embedded (linear to 12
 Two memory banks hold one embedding per training image (student's, teacher's), updated with
 momentum 0.5 and renormalized after every step. Each example is contrasted with its own entry
 (the positive) and 16,384 distinct entries of images of other classes (``exact`` mode; drawn
-without replacement, as the authors do whenever a class has that many others): scores
+without replacement, as the authors do whenever a class has that many others: each example's set
+is uniformly random, as theirs, though the examples of a batch read one shuffle of the bank at
+independent offsets where the authors draw each set on its own): scores
 ``exp(v . m / 0.07) / Z`` with Z set from the first batch (mean score times the bank size), in
 the NCE loss with the uniform noise distribution 1/N.
 
@@ -145,12 +147,9 @@ class Contrastive(Term):
         local = tf.shape(labels)[0]
         seed = tf.stack([tf.cast(step, tf.int32), tf.constant(20200101, tf.int32)])
         labels = tf.cast(labels, tf.int32)
-        if self.distinct:  # K distinct images: the top K of random keys, the own class's kept last
-            keys = tf.random.stateless_uniform([local * replicas, self.num_data], seed=seed, dtype=tf.float32)
-            keys = keys[replica_id * local:(replica_id + 1) * local]
-            own = tf.equal(tf.constant(self.train_labels)[None, :], labels[:, None])
-            negatives = tf.math.top_k(tf.where(own, -1.0, keys), k=self.negatives, sorted=False).indices
-            return tf.concat([tf.cast(index, tf.int32)[:, None], negatives], axis=1)
+        if self.distinct:
+            return tf.concat([tf.cast(index, tf.int32)[:, None], self._distinct(labels, seed, local, replicas,
+                                                                                replica_id)], axis=1)
         draws = tf.random.stateless_uniform([local * replicas, self.negatives], seed=seed, dtype=tf.float32)
         draws = draws[replica_id * local:(replica_id + 1) * local]
         start = tf.gather(tf.constant(self.starts), labels)[:, None]
@@ -160,6 +159,28 @@ class Contrastive(Term):
         position = position + tf.cast(position >= start, tf.int32) * count  # skip the own class
         negatives = tf.gather(tf.constant(self.order), position)
         return tf.concat([tf.cast(index, tf.int32)[:, None], negatives], axis=1)
+
+    def _distinct(self, labels: Any, seed: Any, local: Any, replicas: int, replica_id: Any) -> Any:
+        """(B, K) distinct images of other classes per example, a uniformly random set of them
+        (the authors' draw without replacement): the bank shuffled once per step, each example
+        reading it from a random offset (cyclic) and keeping the first K images of other classes
+        in a window long enough to hold them (K + the largest class). One shuffle and a search
+        per step, where K of N random keys per example cost a top-K each; the examples of a
+        batch share the shuffle (their windows are independent offsets into it)."""
+        import tensorflow as tf
+
+        n, k = self.num_data, self.negatives
+        window = min(n, k + int(self.counts.max()))
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int32), seed=seed)
+        offsets = tf.random.stateless_uniform([local * replicas], seed=seed + 1, maxval=n, dtype=tf.int32)
+        offsets = offsets[replica_id * local:(replica_id + 1) * local]
+        positions = (offsets[:, None] + tf.range(window, dtype=tf.int32)[None, :]) % n
+        candidates = tf.gather(order, positions)  # (B, window)
+        other = tf.not_equal(tf.gather(tf.constant(self.train_labels), candidates), labels[:, None])
+        kept = tf.cumsum(tf.cast(other, tf.int32), axis=1)  # how many others up to each place
+        wanted = tf.tile(tf.range(1, k + 1, dtype=tf.int32)[None, :], [tf.shape(labels)[0], 1])
+        first = tf.searchsorted(kept, wanted, side="left")  # the place of the j-th other-class image
+        return tf.gather(candidates, first, batch_dims=1)
 
     def compute(self, batch: Any) -> Any:
         import tensorflow as tf
