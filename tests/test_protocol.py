@@ -448,7 +448,7 @@ def test_report_only_on_unfinished_runs_marks_them_and_records_the_training_comm
     assert "**Incomplete**" in table and "| rec | — | — | — | — | — | — |" in table
     results = json.loads((tmp_path / "out/results.json").read_text())
     assert not results["complete"] and results["runs"]["kd"]["test"]["mean"] is None
-    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out out"
+    assert results["command"] == "python -m tfkd.bench accuracy --protocol path/to/protocol.yaml --out out"  # no folder of this machine
 
 
 def test_report_only_with_only_reports_just_those_runs_and_their_teachers(tmp_path):
@@ -458,7 +458,7 @@ def test_report_only_with_only_reports_just_those_runs_and_their_teachers(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((tmp_path / "out/results.json").read_text())
     assert list(results["runs"]) == ["kd"] and list(results["teachers"]) == ["rec"]
-    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out out --only kd"
+    assert results["command"] == "python -m tfkd.bench accuracy --protocol path/to/protocol.yaml --out out --only kd"
 
 
 def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
@@ -475,7 +475,7 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
         assert results["runs"][name]["seeds"]["0"]["test_accuracy"] == metrics["test_accuracy"]
         assert 0.0 < metrics["test_accuracy"] <= 1.0
     student_test = results["runs"]["student"]["test"]["mean"]
-    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out} --jobs 2"
+    assert results["command"] == "python -m tfkd.bench accuracy --protocol path/to/protocol.yaml --out path/to/out --jobs 2"
     assert results["machine"]["cpu_count"] == os.cpu_count() and results["complete"]
     # An interrupted protocol: the kd run lost its result; only it runs again.
     (out / "runs/kd/seed0/metrics.json").unlink()
@@ -492,7 +492,7 @@ def test_tiny_protocol_runs_caches_and_continues_after_interruption(tmp_path):
     assert "1 of 2 runs cached" in subset.stdout and "kd seed 0" in subset.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["runs"]["student"]["test"]["mean"] == student_test
-    assert results["command"] == f"python -m tfkd.bench accuracy --protocol {path} --out {out}"
+    assert results["command"] == "python -m tfkd.bench accuracy --protocol path/to/protocol.yaml --out path/to/out"
     stale = _bench(["--protocol", str(path), "--out", str(out), "--epochs", "2"], tmp_path)
     assert stale.returncode == 2 and "other settings" in stale.stderr
 
