@@ -8,7 +8,8 @@
   classification dataset, prepared offline in ``data.data_dir``);
 - a validation split carved from training (stratified, seeded) unless the source has one;
 - a pipeline: in memory (``memory``: arrays, the fastest for CIFAR-sized data) or streamed
-  (``streaming``: files decoded batch by batch) for what does not fit (``data.pipeline``);
+  (``streaming``: files decoded batch by batch) for what does not fit (``data.pipeline``); both
+  give a decoded file's pixels the same geometry with one resize (``memory``'s docstring);
 - the geometry (``transforms``): up to 64 px the CIFAR recipe (stretch, pad-and-crop, flip),
   above it the ImageNet one (random-resized crop + flip; resize and centre crop to evaluate);
 - the normalization: per-channel mean/std of the training split (exact in memory, estimated
@@ -80,8 +81,8 @@ def _validation_indices(labels: np.ndarray, fraction: float, seed: int, dataset:
 
 # ------------------------------------------------------------------------------- loading
 def load_source(dataset: str, data_dir: Optional[str] = None, image_size: int = 32) -> Source:
-    """The decoded arrays of a dataset (a folder decoded at ``image_size`` with the small-image
-    geometry); ``load`` is what training uses."""
+    """The decoded arrays of a dataset (a folder: each image as the model's evaluation input at
+    ``image_size``, ``memory.store_bytes``); ``load`` is what training uses."""
     if dataset in CIFAR_FILES:
         return load_cifar_batches(dataset, data_dir) if data_dir else load_tfds_cifar(dataset)
     if dataset == "digits":
@@ -141,16 +142,16 @@ def _folder_records(cfg: Any, seed: int) -> tuple[Any, list[str], int, list[str]
 
 
 def _choose_pipeline(cfg: Any, records: Any, geometry: Geometry) -> str:
-    from tfkd.data.memory import stored_geometry_size
+    from tfkd.data.memory import estimated_bytes
 
     if cfg.pipeline != "auto":
         return cfg.pipeline
     images = sum(records.count(s) for s in ("train", "val", "test"))
-    side = stored_geometry_size(geometry)
-    megabytes = images * side * side * 3 / 2**20
+    held, how = estimated_bytes(records, geometry)
+    megabytes = held / 2**20
     if megabytes <= cfg.in_memory_mb:
         return "memory"
-    _note(f"{cfg.dataset}: {images} images take {megabytes:,.0f} MB decoded at {side} px, over "
+    _note(f"{cfg.dataset}: {images} images take {megabytes:,.0f} MB in memory ({how}), over "
           f"data.in_memory_mb={cfg.in_memory_mb}: streaming them (data.pipeline)")
     return "streaming"
 
@@ -185,12 +186,16 @@ def load(cfg: Any, seed: int = 0) -> Data:
 
         return StreamData(dataset, records, class_names, geometry, stats_images=cfg.stats_images,
                           seed=seed, skipped_files=skipped)
-    from tfkd.data.memory import array_inputs_statistics, decode_records
+    from tfkd.data.memory import array_inputs_statistics, decode_records, decode_training
 
-    arrays = {split: decode_records(records, split, geometry, dataset) for split in ("train", "val", "test")}
+    # above 64 px: validation and test held as their evaluation inputs, training images once each
+    # with their aspect ratio (tfkd.data.memory)
+    arrays = {split: decode_records(records, split, geometry, dataset) for split in ("val", "test")}
+    arrays["train"] = decode_records(records, "train", geometry, dataset) if geometry.small \
+        else decode_training(records, geometry, dataset)
     mean, std = array_inputs_statistics(arrays["train"][0], geometry, cfg.stats_images)
     return ArrayData(dataset, *arrays["train"], *arrays["val"], *arrays["test"], class_names, mean, std,
-                     geometry, skipped_files=skipped)
+                     geometry, skipped_files=skipped, eval_inputs=not geometry.small)
 
 
 def prepare(dataset: str, data_dir: Optional[str] = None, image_size: int = 32,

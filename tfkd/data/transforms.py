@@ -14,7 +14,10 @@ Images are upright first: a JPEG's EXIF orientation (a phone photo stored sidewa
 as Pillow's ``exif_transpose`` applies it in the ``export/`` kit. Windows are integer pixel boxes
 of the upright image, so an upright JPEG decodes only the window it needs
 (``tf.io.decode_and_crop_jpeg``); resizing is bilinear with antialiasing, which is what the
-``export/`` kit's Pillow resize of the same box does on a device (``crop_box`` there).
+``export/`` kit's Pillow resize of the same box does on a device (``crop_box`` there). Between a
+decoded file and the model's input there is one resize, in both pipelines: the in-memory one
+keeps larger training images at a bounded size and finds the same windows of the original on the
+stored copy (``train_stored``, ``eval_stored``: a fractional box resampled once, ``resize_box``).
 """
 
 from __future__ import annotations
@@ -256,6 +259,63 @@ def train_bytes(contents: Any, seed: Any, geometry: Geometry) -> Any:
     seeds = tf.random.experimental.stateless_split(seed, 2)
     window = train_window(height_width[0], height_width[1], seeds[0], geometry)
     return _flip(resize(_decode_window(contents, window, turn), geometry.size), seeds[1], geometry.hflip)
+
+
+def resize_to(image: Any, height: Any, width: Any) -> Any:
+    """uint8 ``height x width`` (bilinear, antialiased): a training image stored below its
+    decoded size (``tfkd.data.memory``)."""
+    out = tf.image.resize(image, tf.stack([height, width]), method="bilinear", antialias=True)
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    out.set_shape([None, None, 3])
+    return out
+
+
+def resize_box(image: Any, box: tuple[Any, Any, Any, Any], size: int) -> Any:
+    """uint8 ``size x size`` of the region ``box`` = (top, left, bottom, right) of ``image``, in
+    pixels and possibly fractional: the pixels under the box (the whole ones it touches) resampled
+    once, bilinear and antialiased, the box's edges mapped to the output's. An integer box gives
+    exactly ``resize`` of that slice (the same kernel, ``tf.image.resize``'s); a fractional one is
+    a window of the original image on a copy stored smaller (the in-memory training store)."""
+    top, left, bottom, right = (tf.cast(v, tf.float32) for v in box)
+    shape = tf.shape(image)
+    row0 = tf.clip_by_value(tf.cast(tf.floor(top), tf.int32), 0, shape[0] - 1)
+    col0 = tf.clip_by_value(tf.cast(tf.floor(left), tf.int32), 0, shape[1] - 1)
+    row1 = tf.clip_by_value(tf.cast(tf.math.ceil(bottom), tf.int32), row0 + 1, shape[0])
+    col1 = tf.clip_by_value(tf.cast(tf.math.ceil(right), tf.int32), col0 + 1, shape[1])
+    region = tf.cast(image[row0:row1, col0:col1], tf.uint8)
+    scale = tf.stack([float(size) / tf.maximum(bottom - top, 1e-6), float(size) / tf.maximum(right - left, 1e-6)])
+    translation = -tf.stack([top - tf.cast(row0, tf.float32), left - tf.cast(col0, tf.float32)]) * scale
+    out = tf.raw_ops.ScaleAndTranslate(images=region[None], size=tf.constant([size, size]), scale=scale,
+                                       translation=translation, kernel_type="triangle", antialias=True)[0]
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+    out.set_shape([size, size, 3])
+    return out
+
+
+def _stored_box(window: tuple[Any, Any, Any, Any], original: Any, stored: Any) -> tuple[Any, Any, Any, Any]:
+    """(top, left, bottom, right) in a stored copy of ``stored`` = (height, width) pixels of a
+    window (top, left, height, width) of the ``original`` = (height, width) image."""
+    scale_y = tf.cast(stored[0], tf.float32) / tf.cast(original[0], tf.float32)
+    scale_x = tf.cast(stored[1], tf.float32) / tf.cast(original[1], tf.float32)
+    top, left, height, width = (tf.cast(v, tf.float32) for v in window)
+    return top * scale_y, left * scale_x, (top + height) * scale_y, (left + width) * scale_x
+
+
+def eval_stored(image: Any, original: Any, geometry: Geometry) -> Any:
+    """A training image stored at another size than its original ``(height, width)`` -> its
+    evaluation input: the original's evaluation window, found on the stored copy, resized once."""
+    window = eval_window(original[0], original[1], geometry)
+    return resize_box(image, _stored_box(window, original, tf.shape(image)[:2]), geometry.size)
+
+
+def train_stored(image: Any, original: Any, seed: Any, geometry: Geometry) -> Any:
+    """A training image stored at another size than its original ``(height, width)`` -> a
+    random-resized crop (+ flip): the window ``train_bytes`` takes of the original for the same
+    ``seed`` (drawn on the original's shape), found on the stored copy and resized once."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    window = train_window(original[0], original[1], seeds[0], geometry)
+    crop = resize_box(image, _stored_box(window, original, tf.shape(image)[:2]), geometry.size)
+    return _flip(crop, seeds[1], geometry.hflip)
 
 
 def eval_array(image: Any, geometry: Geometry) -> Any:
