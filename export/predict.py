@@ -22,8 +22,8 @@ import numpy as np
 
 from runtimes import EdgeModel, KitError, KitParser, count
 
-#: The image files tfkd trains on (tfkd.data.sources: the same lists), and those read only
-#: when this Pillow has a reader for them.
+#: The image files tfkd trains on (tfkd.data.sources: the same lists, kept equal by
+#: tests/test_data.py), and those read only when this Pillow has a reader for them.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff")
 OPTIONAL_SUFFIXES = {".heic": "HEIC", ".heif": "HEIF", ".avif": "AVIF", ".jxl": "JPEG XL"}
 UNREADABLE_SUFFIXES = {".dng": "camera raw", ".cr2": "camera raw", ".cr3": "camera raw", ".nef": "camera raw",

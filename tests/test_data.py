@@ -818,3 +818,17 @@ def test_geometry_the_memory_estimate_is_what_memory_holds(tmp_path):
         if size > 64:  # training images keep their aspect ratio: more than a square each
             side = memory_module.training_side(prepared.geometry)
             assert prepared.train_images.nbytes > prepared.count("train") * min(side, 90) ** 2 * 3
+
+
+def test_the_kit_and_training_read_the_same_image_files():
+    """The kit (no tfkd import) keeps its own copy of the image-file lists: the copies agree,
+    and so does what each says of a file it cannot read."""
+    from tfkd.data import sources
+
+    kit = _kit()
+    for name in ("IMAGE_SUFFIXES", "OPTIONAL_SUFFIXES", "UNREADABLE_SUFFIXES"):
+        assert getattr(kit, name) == getattr(sources, name), name
+    assert kit.readable_suffixes() == sources.readable_suffixes()
+    suffixes = {*sources.IMAGE_SUFFIXES, *sources.OPTIONAL_SUFFIXES, *sources.UNREADABLE_SUFFIXES, ".txt"}
+    assert {s: kit.unreadable_reason(s) for s in suffixes} == {s: sources.unreadable_reason(s) for s in suffixes}
+    assert sources.unreadable_reason(".dng") == "camera raw: convert the files to JPEG or PNG"

@@ -11,6 +11,7 @@ stages add theirs), so a stage's options never collide with another's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -458,15 +459,11 @@ def load(config_file: str | None = None, overrides: dict[str, Any] | None = None
     return config
 
 
-_DEFAULTS: list[Any] = []
-
-
+@functools.cache
 def _defaults() -> Any:
     """``RunConfig``'s defaults as a structured config, built once (``OmegaConf.merge`` copies
     its first argument, so it is never changed)."""
-    if not _DEFAULTS:
-        _DEFAULTS.append(OmegaConf.structured(RunConfig))
-    return _DEFAULTS[0]
+    return OmegaConf.structured(RunConfig)
 
 
 def _merged(merged: Any, layers: list[tuple[str, Any]]) -> Any:
